@@ -1,0 +1,609 @@
+//! What each subcommand does. State changes go to SQLite and the kernel maps together: the database
+//! transaction commits only after the kernel accepted the change, and a kernel failure undoes what
+//! the command already pushed, so a failed command changes nothing.
+
+use std::{
+    io::{IsTerminal as _, Read as _},
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use filter_common::maps as m;
+use serde::Serialize;
+
+use crate::{
+    cidr::Prefix,
+    cli::{BlockArgs, Cli, Command, ImportArgs, Mode, RatelimitCommand},
+    clock,
+    formats,
+    loader::{self, AttachMode, Capacities, PinDir},
+    maps::{List, Maps},
+    stats,
+    store::{OWNER_CLI, RateLimit, Settings, Store, StoreError, unix_ms},
+};
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    let pins = PinDir::new(&cli.pin_dir);
+    let state = cli.state_dir.as_path();
+    match cli.command {
+        Command::Attach { ifaces, mode, capacities } => attach(&pins, state, &ifaces, mode, &capacities),
+        Command::Detach { ifaces, all } => detach(&pins, state, &ifaces, all),
+        Command::Status { json } => status(&pins, state, json),
+        Command::Block(args) => block(&pins, state, args),
+        Command::Unblock { entries } => release(&pins, state, List::Block, &entries, "unblock"),
+        Command::Allow { entries, comment, force } => allow(&pins, state, &entries, comment, force),
+        Command::Unallow { entries } => release(&pins, state, List::Allow, &entries, "unallow"),
+        Command::List { blocked, allowed, json } => {
+            let only = if blocked { Some(List::Block) } else if allowed { Some(List::Allow) } else { None };
+            list(&pins, state, only, json)
+        }
+        Command::Import(args) => import(&pins, state, args),
+        Command::Ratelimit(cmd) => ratelimit(&pins, state, cmd),
+        Command::Mode { mode } => set_mode(&pins, state, mode),
+        Command::Stats { json, watch } => stats::run(&pins, json, watch),
+    }
+}
+
+/// Fail clearly unless running as root.
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("apifilter {what} needs root: it reads and changes the kernel filter (bpffs pins) and the state database");
+    }
+    Ok(())
+}
+
+/// The kernel maps, when the filter is loaded.
+fn loaded_maps(pins: &PinDir) -> Option<Maps> {
+    Maps::open(pins).ok()
+}
+
+/// Kernel expiry for a wall-clock expiry (`None` = permanent → 0).
+fn kernel_expiry(expires_at_ms: Option<i64>) -> u64 {
+    match expires_at_ms {
+        None => 0,
+        Some(at) => clock::boot_ns_at_unix_ms(at).max(1),
+    }
+}
+
+/// Make the kernel hold the entry's current effective state (`None` = no owner left).
+fn push(maps: &Maps, list: List, prefix: &Prefix, effective: Option<Option<i64>>) -> anyhow::Result<()> {
+    match effective {
+        None => maps.remove(list, prefix)?,
+        Some(exp) => maps.upsert(list, prefix, kernel_expiry(exp))?,
+    }
+    Ok(())
+}
+
+/// Apply claims (or releases) for `prefixes` in one transaction, pushing each to the kernel. On
+/// any failure the kernel entries already pushed go back to their previous state.
+fn apply(
+    pins: &PinDir,
+    store: &mut Store,
+    list: List,
+    prefixes: &[Prefix],
+    mut change: impl FnMut(&mut crate::store::Tx<'_>, &Prefix) -> Result<Option<Option<i64>>, StoreError>,
+    audit: (&str, String),
+) -> anyhow::Result<usize> {
+    let maps = loaded_maps(pins);
+    let mut pushed: Vec<(Prefix, Option<Option<i64>>)> = Vec::new();
+    let bar = progress(prefixes.len());
+    let result = store.write(|tx| {
+        for prefix in prefixes {
+            let before = tx.effective(list, prefix)?;
+            let after = change(tx, prefix)?;
+            if let Some(maps) = &maps
+                && before != after
+            {
+                push(maps, list, prefix, after)?;
+                pushed.push((*prefix, before));
+            }
+            if let Some(b) = &bar {
+                b.inc(1);
+            }
+        }
+        tx.audit(OWNER_CLI, audit.0, &audit.1)?;
+        Ok::<_, anyhow::Error>(())
+    });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    if let Err(err) = result {
+        if let Some(maps) = &maps {
+            for (prefix, before) in pushed.iter().rev() {
+                if let Err(undo) = push(maps, list, prefix, *before) {
+                    tracing::error!(%prefix, %undo, "could not undo a kernel change; run `apifilter attach` to resync");
+                }
+            }
+        }
+        return Err(err);
+    }
+    if maps.is_none() {
+        eprintln!("note: the filter is not loaded under {}; the change is stored and applies on `apifilter attach`", pins.root().display());
+    }
+    Ok(pushed.len())
+}
+
+fn progress(len: usize) -> Option<indicatif::ProgressBar> {
+    if len < 10_000 || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} entries ({per_sec}, {eta} left)")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    Some(bar)
+}
+
+fn check_everything(prefixes: &[Prefix], force: bool) -> anyhow::Result<()> {
+    if let Some(p) = prefixes.iter().find(|p| p.is_everything()) {
+        if !force {
+            bail!("refusing {p}: a /0 prefix matches every source; pass --force if you mean it");
+        }
+    }
+    Ok(())
+}
+
+fn attach(pins: &PinDir, state: &Path, ifaces: &[String], mode: AttachMode, caps: &Capacities) -> anyhow::Result<()> {
+    require_root("attach")?;
+    // Check every name first, so a typo attaches nothing.
+    for iface in ifaces {
+        loader::ifindex(iface)?;
+    }
+    let mut store = Store::open(state)?;
+    let fresh = loader::ensure_loaded(pins, caps)?;
+    let maps = Maps::open(pins)?;
+    if fresh {
+        let restored = restore(&maps, &store)?;
+        if restored > 0 {
+            println!("restored {restored} entries from {}", state.join("state.db").display());
+        }
+    }
+    for iface in ifaces {
+        let ifindex = loader::ifindex(iface)?;
+        let already = pins.link(iface).exists();
+        let used = loader::attach(pins, iface, mode)?;
+        maps.assign_slot(ifindex)?;
+        if already {
+            println!("{iface}: already attached");
+            continue;
+        }
+        store.write(|tx| {
+            tx.set_interface(iface, &used.to_string())?;
+            tx.audit(OWNER_CLI, "attach", &format!("{iface} mode={used}"))
+        })?;
+        println!("{iface}: attached ({used} mode)");
+    }
+    Ok(())
+}
+
+/// Fill freshly loaded maps from the database: settings, then every live entry with its
+/// remaining TTL.
+pub fn restore(maps: &Maps, store: &Store) -> anyhow::Result<usize> {
+    apply_settings(maps, &store.settings()?)?;
+    let live = store.live(unix_ms())?;
+    for (list, prefix, exp) in &live {
+        maps.upsert(*list, prefix, kernel_expiry(*exp))?;
+    }
+    Ok(live.len())
+}
+
+fn apply_settings(maps: &Maps, s: &Settings) -> anyhow::Result<()> {
+    let mut ports: &[u16] = &[];
+    maps.update_config(|c| {
+        c.flags &= !(m::CFG_MONITOR | m::CFG_RL_ENABLED | m::CFG_RL_PORTS | m::CFG_RL_SYN_ONLY);
+        if s.monitor {
+            c.flags |= m::CFG_MONITOR;
+        }
+        if let Some(rl) = &s.ratelimit {
+            c.flags |= m::CFG_RL_ENABLED;
+            if rl.syn_only {
+                c.flags |= m::CFG_RL_SYN_ONLY;
+            }
+            if !rl.ports.is_empty() {
+                c.flags |= m::CFG_RL_PORTS;
+            }
+            let interval = (1_000_000_000 / rl.pps).max(1);
+            c.rl_interval_ns = interval;
+            c.rl_tolerance_ns = interval.saturating_mul(rl.burst.saturating_sub(1));
+            c.rl_v6_prefix = u32::from(rl.v6_prefix);
+            c.rl_v6_mask = m::v6_mask(u32::from(rl.v6_prefix));
+            ports = &rl.ports;
+        }
+    })?;
+    // Ports first would briefly scope an old limit to new ports; after is harmless either way
+    // because the scope flag and the port table change within one command.
+    maps.set_rl_ports(ports)?;
+    Ok(())
+}
+
+fn detach(pins: &PinDir, state: &Path, ifaces: &[String], all: bool) -> anyhow::Result<()> {
+    require_root("detach")?;
+    let mut store = Store::open(state)?;
+    if all {
+        let attached = pins.attached();
+        loader::unload(pins)?;
+        store.write(|tx| {
+            tx.remove_interface(None)?;
+            tx.audit(OWNER_CLI, "detach", "--all")
+        })?;
+        println!("detached from {} interface(s) and unloaded the filter; state is kept in {}", attached.len(), state.display());
+        return Ok(());
+    }
+    for iface in ifaces {
+        if !pins.link(iface).exists() {
+            bail!("{iface} is not attached (attached: {})", list_or_none(&pins.attached()));
+        }
+    }
+    let maps = loaded_maps(pins);
+    for iface in ifaces {
+        loader::detach(pins, iface)?;
+        if let (Some(maps), Ok(ifindex)) = (&maps, loader::ifindex(iface)) {
+            maps.release_slot(ifindex)?;
+        }
+        store.write(|tx| {
+            tx.remove_interface(Some(iface))?;
+            tx.audit(OWNER_CLI, "detach", iface)
+        })?;
+        println!("{iface}: detached");
+    }
+    Ok(())
+}
+
+fn list_or_none(v: &[String]) -> String {
+    if v.is_empty() { "none".into() } else { v.join(", ") }
+}
+
+fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
+    require_root("block")?;
+    check_everything(&args.entries, args.force)?;
+    let mut store = Store::open(state)?;
+    warn_allowlisted(&store, &args.entries)?;
+    let expires = args.ttl.map(|t| unix_ms() + t.as_millis() as i64);
+    let comment = args.comment.as_deref();
+    let detail = describe(&args.entries, args.ttl, comment);
+    apply(pins, &mut store, List::Block, &args.entries, |tx, p| {
+        tx.claim(List::Block, p, OWNER_CLI, expires, comment).map(Some)
+    }, ("block", detail))?;
+    println!("blocked {} entr{}{}", args.entries.len(), if args.entries.len() == 1 { "y" } else { "ies" },
+        args.ttl.map(|t| format!(" for {}", humantime::format_duration(t))).unwrap_or_default());
+    Ok(())
+}
+
+fn describe(entries: &[Prefix], ttl: Option<Duration>, comment: Option<&str>) -> String {
+    let mut s = entries.iter().take(20).map(ToString::to_string).collect::<Vec<_>>().join(" ");
+    if entries.len() > 20 {
+        s.push_str(&format!(" (+{} more)", entries.len() - 20));
+    }
+    if let Some(t) = ttl {
+        s.push_str(&format!(" ttl={}", humantime::format_duration(t)));
+    }
+    if let Some(c) = comment {
+        s.push_str(&format!(" comment={c:?}"));
+    }
+    s
+}
+
+fn warn_allowlisted(store: &Store, entries: &[Prefix]) -> anyhow::Result<()> {
+    let allow = store.entries(Some(List::Allow))?;
+    for e in entries {
+        if let Some(a) = allow.iter().find(|a| a.prefix.contains(e) || e.contains(&a.prefix)) {
+            tracing::warn!(entry = %e, allowlisted = %a.prefix, "overlaps the allowlist; the allowlist wins for the overlapping sources");
+        }
+    }
+    Ok(())
+}
+
+fn release(pins: &PinDir, state: &Path, list: List, entries: &[Prefix], verb: &str) -> anyhow::Result<()> {
+    require_root(verb)?;
+    let mut store = Store::open(state)?;
+    let mut missing = Vec::new();
+    store.write(|tx| {
+        for p in entries {
+            if !tx.has_claim(list, p, OWNER_CLI)? {
+                missing.push(p.to_string());
+            }
+        }
+        Ok::<_, StoreError>(())
+    })?;
+    if !missing.is_empty() {
+        bail!("not in the {}list from the command line: {}", list.as_str(), missing.join(", "));
+    }
+    apply(pins, &mut store, list, entries, |tx, p| tx.release(list, p, OWNER_CLI), (verb, describe(entries, None, None)))?;
+    let remaining = store.entries(Some(list))?;
+    for p in entries {
+        if let Some(e) = remaining.iter().find(|e| e.prefix == *p) {
+            let owners: Vec<_> = e.claims.iter().map(|c| c.owner.as_str()).collect();
+            println!("{p}: still {}ed by {}", list.as_str(), owners.join(", "));
+        } else {
+            println!("{p}: removed");
+        }
+    }
+    Ok(())
+}
+
+fn allow(pins: &PinDir, state: &Path, entries: &[Prefix], comment: Option<String>, force: bool) -> anyhow::Result<()> {
+    require_root("allow")?;
+    check_everything(entries, force)?;
+    let mut store = Store::open(state)?;
+    let detail = describe(entries, None, comment.as_deref());
+    apply(pins, &mut store, List::Allow, entries, |tx, p| {
+        tx.claim(List::Allow, p, OWNER_CLI, None, comment.as_deref()).map(Some)
+    }, ("allow", detail))?;
+    println!("allowed {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ListRow {
+    list: List,
+    entry: Prefix,
+    owners: Vec<String>,
+    /// RFC 3339, or null for permanent.
+    expires: Option<String>,
+    expires_in_secs: Option<i64>,
+    hits: Option<u64>,
+    comment: Option<String>,
+    in_kernel: bool,
+}
+
+fn list(pins: &PinDir, state: &Path, only: Option<List>, json: bool) -> anyhow::Result<()> {
+    require_root("list")?;
+    let store = Store::open(state)?;
+    let kernel = match loaded_maps(pins) {
+        Some(maps) => Some(maps.entries()?),
+        None => None,
+    };
+    let now = unix_ms();
+    let rows: Vec<ListRow> = store
+        .entries(only)?
+        .into_iter()
+        .filter(|e| e.effective_expiry_ms().is_none_or(|t| t > now))
+        .map(|e| {
+            let k = kernel.as_ref().and_then(|k| k.iter().find(|k| k.list == e.list && k.prefix == e.prefix));
+            let exp = e.effective_expiry_ms();
+            ListRow {
+                list: e.list,
+                entry: e.prefix,
+                owners: e.claims.iter().map(|c| c.owner.clone()).collect(),
+                expires: exp.map(clock::rfc3339_ms),
+                expires_in_secs: exp.map(|t| (t - now) / 1000),
+                hits: k.map(|k| k.value.hits),
+                comment: e.claims.iter().find_map(|c| c.comment.clone()),
+                in_kernel: k.is_some(),
+            }
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no entries");
+        return Ok(());
+    }
+    let mut t = crate::table::Table::new(["LIST", "ENTRY", "OWNERS", "EXPIRES IN", "HITS", "COMMENT"]);
+    for r in &rows {
+        t.row([
+            r.list.as_str().to_string(),
+            r.entry.to_string(),
+            r.owners.join(","),
+            r.expires_in_secs.map(|s| humantime::format_duration(Duration::from_secs(s.max(0) as u64)).to_string()).unwrap_or_else(|| "never".into()),
+            match (r.hits, r.in_kernel) {
+                (Some(h), _) => h.to_string(),
+                (None, false) if kernel.is_some() => "not loaded!".into(),
+                _ => "-".into(),
+            },
+            r.comment.clone().unwrap_or_default(),
+        ]);
+    }
+    print!("{t}");
+    Ok(())
+}
+
+fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
+    require_root("import")?;
+    if args.source.is_empty() || args.source == OWNER_CLI || args.source.chars().any(|c| c.is_whitespace()) {
+        bail!("invalid --source {:?}: a name without spaces, other than \"cli\"", args.source);
+    }
+    let name = args.file.display().to_string();
+    let mut text = String::new();
+    if name == "-" {
+        std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
+    } else {
+        text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {name}"))?;
+    }
+    let mut prefixes = formats::parse_all(args.format, &name, &text, 10).map_err(|errs| {
+        anyhow::anyhow!(
+            "{} has invalid lines; nothing was imported:\n  {}",
+            name,
+            errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  ")
+        )
+    })?;
+    prefixes.sort();
+    prefixes.dedup();
+    check_everything(&prefixes, args.force)?;
+    let mut store = Store::open(state)?;
+    let expires = args.ttl.map(|t| unix_ms() + t.as_millis() as i64);
+    let source = args.source.clone();
+    let detail = format!("{} entries from {name} as {source}{}", prefixes.len(), if args.replace { " (replace)" } else { "" });
+    apply(pins, &mut store, List::Block, &prefixes, |tx, p| tx.claim(List::Block, p, &source, expires, None).map(Some), ("import", detail))?;
+    let mut released = 0;
+    if args.replace {
+        let keep: std::collections::HashSet<Prefix> = prefixes.iter().copied().collect();
+        let stale: Vec<Prefix> = store
+            .entries(Some(List::Block))?
+            .into_iter()
+            .filter(|e| !keep.contains(&e.prefix) && e.claims.iter().any(|c| c.owner == source))
+            .map(|e| e.prefix)
+            .collect();
+        released = stale.len();
+        if !stale.is_empty() {
+            apply(pins, &mut store, List::Block, &stale, |tx, p| tx.release(List::Block, p, &source), ("import-replace", format!("released {} entries of {source}", stale.len())))?;
+        }
+    }
+    println!("imported {} entries from {name} as source {source:?}{}", prefixes.len(),
+        if args.replace { format!("; released {released} it no longer lists") } else { String::new() });
+    Ok(())
+}
+
+fn ratelimit(pins: &PinDir, state: &Path, cmd: RatelimitCommand) -> anyhow::Result<()> {
+    if let RatelimitCommand::Show { json } = cmd {
+        require_root("ratelimit show")?;
+        let s = Store::open(state)?.settings()?;
+        if json {
+            println!("{}", serde_json::to_string_pretty(&s.ratelimit)?);
+        } else {
+            println!("{}", describe_ratelimit(s.ratelimit.as_ref()));
+        }
+        return Ok(());
+    }
+    require_root("ratelimit")?;
+    let rl = match cmd {
+        RatelimitCommand::Set { pps, burst, mut ports, v6_prefix, syn_only } => {
+            if ports.contains(&0) {
+                bail!("invalid --ports: port 0 is not a destination port");
+            }
+            ports.sort_unstable();
+            ports.dedup();
+            Some(RateLimit { pps, burst, ports, v6_prefix, syn_only })
+        }
+        _ => None,
+    };
+    let mut store = Store::open(state)?;
+    let mut settings = store.settings()?;
+    settings.ratelimit = rl;
+    change_settings(pins, &mut store, &settings, "ratelimit", describe_ratelimit(settings.ratelimit.as_ref()))?;
+    println!("{}", describe_ratelimit(settings.ratelimit.as_ref()));
+    Ok(())
+}
+
+fn describe_ratelimit(rl: Option<&RateLimit>) -> String {
+    match rl {
+        None => "rate limit: off".into(),
+        Some(rl) => format!(
+            "rate limit: {} pps, burst {} per source (IPv4 /32, IPv6 /{}); scope: {}{}",
+            rl.pps,
+            rl.burst,
+            rl.v6_prefix,
+            if rl.ports.is_empty() { "all traffic".to_string() } else { format!("ports {}", rl.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")) },
+            if rl.syn_only { ", TCP SYN only" } else { "" }
+        ),
+    }
+}
+
+fn change_settings(pins: &PinDir, store: &mut Store, settings: &Settings, action: &str, detail: String) -> anyhow::Result<()> {
+    let maps = loaded_maps(pins);
+    store.write(|tx| {
+        tx.set_settings(settings)?;
+        tx.audit(OWNER_CLI, action, &detail)?;
+        if let Some(maps) = &maps {
+            apply_settings(maps, settings)?;
+        }
+        Ok::<_, anyhow::Error>(())
+    })?;
+    if maps.is_none() {
+        eprintln!("note: the filter is not loaded; the setting is stored and applies on `apifilter attach`");
+    }
+    Ok(())
+}
+
+fn set_mode(pins: &PinDir, state: &Path, mode: Mode) -> anyhow::Result<()> {
+    require_root("mode")?;
+    let mut store = Store::open(state)?;
+    let mut settings = store.settings()?;
+    settings.monitor = mode == Mode::Monitor;
+    let name = if settings.monitor { "monitor" } else { "enforce" };
+    change_settings(pins, &mut store, &settings, "mode", name.into())?;
+    println!("mode: {name}{}", if settings.monitor { " (nothing is dropped; would-be drops are counted as monitor_would_drop_*)" } else { "" });
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Status {
+    loaded: bool,
+    pin_dir: String,
+    program_id: Option<u32>,
+    mode: &'static str,
+    interfaces: Vec<IfaceStatus>,
+    ratelimit: Option<RateLimit>,
+    maps: Vec<MapFill>,
+}
+
+#[derive(Serialize)]
+struct IfaceStatus {
+    name: String,
+    mode: String,
+    ifindex: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct MapFill {
+    name: &'static str,
+    entries: usize,
+    capacity: u32,
+}
+
+fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
+    require_root("status")?;
+    let store = Store::open(state)?;
+    let settings = store.settings()?;
+    let modes = store.interfaces()?;
+    let loaded = pins.is_loaded();
+    let program_id = if loaded { loader::pinned_program(pins)?.info().ok().map(|i| i.id()) } else { None };
+    let interfaces = pins
+        .attached()
+        .into_iter()
+        .map(|name| IfaceStatus {
+            mode: modes.iter().find(|(n, _)| *n == name).map(|(_, m)| m.clone()).unwrap_or_else(|| "?".into()),
+            ifindex: loader::ifindex(&name).ok(),
+            name,
+        })
+        .collect();
+    let mut fills = Vec::new();
+    if let Some(maps) = loaded_maps(pins) {
+        for name in crate::maps::RULE_TABLES {
+            fills.push(MapFill { name, entries: maps.table_len(name)?, capacity: maps.capacity(name)? });
+        }
+        fills.push(MapFill { name: m::MAP_RATELIMIT, entries: maps.rate_sources()?, capacity: maps.capacity(m::MAP_RATELIMIT)? });
+    }
+    let s = Status {
+        loaded,
+        pin_dir: pins.root().display().to_string(),
+        program_id,
+        mode: if settings.monitor { "monitor" } else { "enforce" },
+        interfaces,
+        ratelimit: settings.ratelimit.clone(),
+        maps: fills,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    if !loaded {
+        println!("filter: not loaded (pin dir {}); `apifilter attach <IFACE>` loads it", s.pin_dir);
+        return Ok(());
+    }
+    println!("filter: loaded, program id {}, pinned at {}", s.program_id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()), s.pin_dir);
+    println!("mode: {}", s.mode);
+    println!("{}", describe_ratelimit(s.ratelimit.as_ref()));
+    if s.interfaces.is_empty() {
+        println!("interfaces: none attached");
+    } else {
+        let mut t = crate::table::Table::new(["INTERFACE", "IFINDEX", "XDP MODE"]);
+        for i in &s.interfaces {
+            t.row([i.name.clone(), i.ifindex.map(|x| x.to_string()).unwrap_or_else(|| "gone".into()), i.mode.clone()]);
+        }
+        print!("{t}");
+    }
+    let mut t = crate::table::Table::new(["MAP", "ENTRIES", "CAPACITY", "FILL"]);
+    for f in &s.maps {
+        t.row([f.name.to_string(), f.entries.to_string(), f.capacity.to_string(), format!("{:.1}%", 100.0 * f.entries as f64 / f64::from(f.capacity.max(1)))]);
+    }
+    print!("{t}");
+    Ok(())
+}

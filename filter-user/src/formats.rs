@@ -1,0 +1,121 @@
+//! Blocklist file formats: plain (one IP or CIDR per line), FireHOL netset, and Spamhaus DROP in
+//! both its text and JSON-lines forms. Parsing is strict: a bad line is an error naming its line.
+
+use serde::Deserialize;
+
+use crate::cidr::Prefix;
+
+/// A list format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Recognise the format from the content.
+    Auto,
+    /// One IP or CIDR per line; `#` and `;` start comments.
+    Plain,
+    /// FireHOL netset: plain with `#` header comments.
+    Netset,
+    /// Spamhaus DROP: text (`1.2.3.0/24 ; SBL123`) or JSON lines (`{"cidr":"1.2.3.0/24",...}`).
+    Spamhaus,
+}
+
+/// A line that did not parse.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{source_name}:{line}: {reason}")]
+pub struct FormatError {
+    /// File name (or `-`).
+    pub source_name: String,
+    /// 1-based line number.
+    pub line: usize,
+    /// What was wrong.
+    pub reason: String,
+}
+
+#[derive(Deserialize)]
+struct SpamhausJson {
+    cidr: Option<String>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// Parse one line into a prefix; `Ok(None)` for blank lines, comments and metadata records.
+pub fn parse_line(format: Format, line: &str) -> Result<Option<Prefix>, String> {
+    let trimmed = line.trim();
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    if trimmed.starts_with('{') && matches!(format, Format::Auto | Format::Spamhaus) {
+        let rec: SpamhausJson =
+            serde_json::from_str(trimmed).map_err(|e| format!("invalid JSON record: {e}"))?;
+        return match (rec.cidr, rec.kind.as_deref()) {
+            (Some(cidr), _) => cidr.parse().map(Some).map_err(|e: crate::cidr::CidrError| e.to_string()),
+            (None, Some("metadata")) => Ok(None),
+            (None, _) => Err("JSON record without \"cidr\"".into()),
+        };
+    }
+    let content = trimmed.split(['#', ';']).next().unwrap_or("").trim();
+    if content.is_empty() {
+        return Ok(None);
+    }
+    // Some lists append fields after the address ("1.2.3.4 tab comment"): take the first token.
+    let token = content.split_whitespace().next().unwrap_or(content);
+    token.parse().map(Some).map_err(|e: crate::cidr::CidrError| e.to_string())
+}
+
+/// Parse a whole list. Stops at the first `max_errors` bad lines and returns them all.
+pub fn parse_all(
+    format: Format,
+    source_name: &str,
+    text: &str,
+    max_errors: usize,
+) -> Result<Vec<Prefix>, Vec<FormatError>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        match parse_line(format, line) {
+            Ok(Some(p)) => out.push(p),
+            Ok(None) => {}
+            Err(reason) => {
+                errors.push(FormatError { source_name: source_name.to_owned(), line: i + 1, reason });
+                if errors.len() >= max_errors {
+                    break;
+                }
+            }
+        }
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_with_comments() {
+        let text = "# header\n198.18.0.1\n\n198.18.1.0/24 # scanner\n; semicolon comment\n2001:db8::/32\n198.18.2.2\tsome note\n";
+        let got = parse_all(Format::Auto, "t", text, 10).unwrap();
+        let want: Vec<Prefix> = ["198.18.0.1", "198.18.1.0/24", "2001:db8::/32", "198.18.2.2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn spamhaus_text_and_json() {
+        let text = "; Spamhaus DROP List\n1.10.16.0/20 ; SBL256894\n";
+        assert_eq!(parse_all(Format::Spamhaus, "t", text, 10).unwrap(), vec!["1.10.16.0/20".parse().unwrap()]);
+        let json = "{\"cidr\":\"1.10.16.0/20\",\"sblid\":\"SBL256894\",\"rir\":\"apnic\"}\n{\"type\":\"metadata\",\"timestamp\":1700000000,\"size\":1,\"records\":1}\n";
+        assert_eq!(parse_all(Format::Auto, "t", json, 10).unwrap(), vec!["1.10.16.0/20".parse().unwrap()]);
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        let errs = parse_all(Format::Plain, "list.txt", "198.18.0.1\nnot-an-ip\n198.18.0.300\n", 10).unwrap_err();
+        assert_eq!(errs.len(), 2);
+        assert_eq!(errs[0].line, 2);
+        assert!(errs[0].to_string().starts_with("list.txt:2: "), "{}", errs[0]);
+        assert!(errs[1].to_string().contains("198.18.0.300"));
+        let errs = parse_all(Format::Auto, "j", "{\"cidr\": 5}\n", 10).unwrap_err();
+        assert!(errs[0].reason.contains("invalid JSON"));
+    }
+}

@@ -1,0 +1,419 @@
+//! Typed access to the pinned maps: the rule tables, the configuration, the interface slots and the
+//! counters. Opening them needs only the pin dir, so any `apifilter` process sees the same state.
+
+use std::net::IpAddr;
+
+use aya::maps::{
+    Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
+};
+use filter_common::{Counter, FilterConfig, Reason, RuleValue, maps as m};
+
+use crate::{cidr::Prefix, loader::PinDir};
+
+/// Errors of map access.
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    /// A pinned map could not be opened.
+    #[error("opening map {name} at {path}: {reason}")]
+    Open {
+        /// Map name.
+        name: &'static str,
+        /// Pin path.
+        path: String,
+        /// Cause.
+        reason: String,
+    },
+    /// A map operation failed.
+    #[error("{op} {what} in {name}: {reason}")]
+    Op {
+        /// What was attempted.
+        op: &'static str,
+        /// The entry.
+        what: String,
+        /// Map name.
+        name: &'static str,
+        /// Cause.
+        reason: String,
+    },
+    /// The table has no room for another entry.
+    #[error("{name} is full ({max} entries): cannot add {what}; raise its size at load time")]
+    Full {
+        /// Map name.
+        name: &'static str,
+        /// Capacity.
+        max: u32,
+        /// The entry.
+        what: String,
+    },
+}
+
+/// Which rule list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum List {
+    /// Drop traffic from these sources.
+    Block,
+    /// Never filter these sources.
+    Allow,
+}
+
+impl List {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            List::Block => "block",
+            List::Allow => "allow",
+        }
+    }
+}
+
+/// The kernel table an entry lives in.
+fn table_for(list: List, p: &Prefix) -> &'static str {
+    match (list, p.is_v4(), p.is_host()) {
+        (List::Allow, true, _) => m::MAP_ALLOW_V4,
+        (List::Allow, false, _) => m::MAP_ALLOW_V6,
+        (List::Block, true, true) => m::MAP_BLOCK_V4,
+        (List::Block, false, true) => m::MAP_BLOCK_V6,
+        (List::Block, true, false) => m::MAP_BLOCK_NET_V4,
+        (List::Block, false, false) => m::MAP_BLOCK_NET_V6,
+    }
+}
+
+fn has_flag(table: &str) -> u32 {
+    match table {
+        m::MAP_ALLOW_V4 => m::CFG_HAS_ALLOW_V4,
+        m::MAP_ALLOW_V6 => m::CFG_HAS_ALLOW_V6,
+        m::MAP_BLOCK_V4 => m::CFG_HAS_BLOCK_V4,
+        m::MAP_BLOCK_V6 => m::CFG_HAS_BLOCK_V6,
+        m::MAP_BLOCK_NET_V4 => m::CFG_HAS_BLOCK_NET_V4,
+        _ => m::CFG_HAS_BLOCK_NET_V6,
+    }
+}
+
+/// Every rule table, by name.
+pub const RULE_TABLES: [&str; 6] = [
+    m::MAP_BLOCK_V4,
+    m::MAP_BLOCK_V6,
+    m::MAP_BLOCK_NET_V4,
+    m::MAP_BLOCK_NET_V6,
+    m::MAP_ALLOW_V4,
+    m::MAP_ALLOW_V6,
+];
+
+/// An entry as the kernel holds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelEntry {
+    /// Which list.
+    pub list: List,
+    /// The prefix.
+    pub prefix: Prefix,
+    /// Expiry and hits.
+    pub value: RuleValue,
+}
+
+/// Handles on every pinned map.
+pub struct Maps {
+    pins: PinDir,
+}
+
+fn v4(a: IpAddr) -> [u8; 4] {
+    match a {
+        IpAddr::V4(a) => a.octets(),
+        IpAddr::V6(_) => [0; 4],
+    }
+}
+
+fn v6(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V6(a) => a.octets(),
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+    }
+}
+
+impl Maps {
+    /// Use the maps pinned under `pins` (opened on each access; pins are cheap to open).
+    pub fn open(pins: &PinDir) -> Result<Self, crate::loader::LoaderError> {
+        if !pins.is_loaded() {
+            return Err(crate::loader::LoaderError::NotLoaded { pin_dir: pins.root().to_owned() });
+        }
+        Ok(Self { pins: pins.clone() })
+    }
+
+    fn raw(&self, name: &'static str) -> Result<MapData, MapsError> {
+        let path = self.pins.map(name);
+        MapData::from_pin(&path).map_err(|e| MapsError::Open {
+            name,
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn map(&self, name: &'static str) -> Result<Map, MapsError> {
+        let data = self.raw(name)?;
+        Map::from_map_data(data).map_err(|e| MapsError::Open {
+            name,
+            path: self.pins.map(name).display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Capacity of a map.
+    pub fn capacity(&self, name: &'static str) -> Result<u32, MapsError> {
+        let info = self.raw(name)?.info().map_err(|e| MapsError::Open {
+            name,
+            path: self.pins.map(name).display().to_string(),
+            reason: e.to_string(),
+        })?;
+        Ok(info.max_entries())
+    }
+
+    /// The program's configuration.
+    pub fn config(&self) -> Result<FilterConfig, MapsError> {
+        let arr: Array<_, FilterConfig> = Array::try_from(self.map(m::MAP_CONFIG)?).map_err(op_err("open", "config", m::MAP_CONFIG))?;
+        arr.get(&0, 0).map_err(op_err("read", "config", m::MAP_CONFIG))
+    }
+
+    /// Replace the program's configuration.
+    pub fn set_config(&self, cfg: &FilterConfig) -> Result<(), MapsError> {
+        let mut arr: Array<_, FilterConfig> = Array::try_from(self.map(m::MAP_CONFIG)?).map_err(op_err("open", "config", m::MAP_CONFIG))?;
+        arr.set(0, cfg, 0).map_err(op_err("write", "config", m::MAP_CONFIG))
+    }
+
+    /// Change some configuration bits, keeping the rest.
+    pub fn update_config(&self, f: impl FnOnce(&mut FilterConfig)) -> Result<FilterConfig, MapsError> {
+        let mut cfg = self.config()?;
+        f(&mut cfg);
+        self.set_config(&cfg)?;
+        Ok(cfg)
+    }
+
+    /// Mark which destination ports the rate limit covers (empty = clear all).
+    pub fn set_rl_ports(&self, ports: &[u16]) -> Result<(), MapsError> {
+        let mut arr: Array<_, u8> = Array::try_from(self.map(m::MAP_RL_PORTS)?).map_err(op_err("open", "ports", m::MAP_RL_PORTS))?;
+        for port in 0..m::RL_PORTS_LEN {
+            let want = u8::from(ports.contains(&(port as u16)));
+            if arr.get(&port, 0).unwrap_or(0) != want {
+                arr.set(port, want, 0).map_err(op_err("write", port.to_string(), m::MAP_RL_PORTS))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Insert or replace an entry's expiry, keeping its hit counter.
+    pub fn upsert(&self, list: List, prefix: &Prefix, expires_ns: u64) -> Result<(), MapsError> {
+        let table = table_for(list, prefix);
+        let flag = has_flag(table);
+        // The kernel skips lookups in tables marked empty: mark before the first insert.
+        if self.config()?.flags & flag == 0 {
+            self.update_config(|c| c.flags |= flag)?;
+        }
+        let what = prefix.to_string();
+        let map = self.map(table)?;
+        let full = |e: &MapError| matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) || s.io_error.raw_os_error() == Some(libc::ENOSPC) || s.io_error.raw_os_error() == Some(libc::ENOMEM));
+        let res = if prefix.is_host() && list == List::Block {
+            if prefix.is_v4() {
+                let mut h: HashMap<_, [u8; 4], RuleValue> = HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                let k = v4(prefix.addr());
+                let hits = h.get(&k, 0).map(|v| v.hits).unwrap_or(0);
+                h.insert(k, RuleValue { expires_ns, hits }, 0)
+            } else {
+                let mut h: HashMap<_, [u8; 16], RuleValue> = HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                let k = v6(prefix.addr());
+                let hits = h.get(&k, 0).map(|v| v.hits).unwrap_or(0);
+                h.insert(k, RuleValue { expires_ns, hits }, 0)
+            }
+        } else if prefix.is_v4() {
+            let mut t: LpmTrie<_, [u8; 4], RuleValue> = LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+            let k = Key::new(u32::from(prefix.len()), v4(prefix.addr()));
+            let hits = t.get(&k, 0).map(|v| v.hits).unwrap_or(0);
+            t.insert(&k, RuleValue { expires_ns, hits }, 0)
+        } else {
+            let mut t: LpmTrie<_, [u8; 16], RuleValue> = LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+            let k = Key::new(u32::from(prefix.len()), v6(prefix.addr()));
+            let hits = t.get(&k, 0).map(|v| v.hits).unwrap_or(0);
+            t.insert(&k, RuleValue { expires_ns, hits }, 0)
+        };
+        match res {
+            Ok(()) => Ok(()),
+            Err(e) if full(&e) => Err(MapsError::Full { name: table, max: self.capacity(table)?, what }),
+            Err(e) => Err(op_err("insert", &what, table)(e)),
+        }
+    }
+
+    /// Remove an entry (absent is fine).
+    pub fn remove(&self, list: List, prefix: &Prefix) -> Result<(), MapsError> {
+        let table = table_for(list, prefix);
+        let what = prefix.to_string();
+        let map = self.map(table)?;
+        let res = if prefix.is_host() && list == List::Block {
+            if prefix.is_v4() {
+                let mut h: HashMap<_, [u8; 4], RuleValue> = HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                h.remove(&v4(prefix.addr()))
+            } else {
+                let mut h: HashMap<_, [u8; 16], RuleValue> = HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                h.remove(&v6(prefix.addr()))
+            }
+        } else if prefix.is_v4() {
+            let mut t: LpmTrie<_, [u8; 4], RuleValue> = LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+            t.remove(&Key::new(u32::from(prefix.len()), v4(prefix.addr())))
+        } else {
+            let mut t: LpmTrie<_, [u8; 16], RuleValue> = LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+            t.remove(&Key::new(u32::from(prefix.len()), v6(prefix.addr())))
+        };
+        match res {
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => return Err(op_err("remove", &what, table)(e)),
+        }
+        // Let the kernel skip this table again once it is empty.
+        if self.table_is_empty(table)? {
+            let flag = has_flag(table);
+            self.update_config(|c| c.flags &= !flag)?;
+        }
+        Ok(())
+    }
+
+    /// True when a rule table holds nothing.
+    pub fn table_is_empty(&self, table: &'static str) -> Result<bool, MapsError> {
+        let map = self.map(table)?;
+        let e = |err| op_err("read", "keys", table)(err);
+        Ok(match table {
+            m::MAP_BLOCK_V4 => HashMap::<_, [u8; 4], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
+            m::MAP_BLOCK_V6 => HashMap::<_, [u8; 16], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
+            m::MAP_BLOCK_NET_V4 | m::MAP_ALLOW_V4 => {
+                LpmTrie::<_, [u8; 4], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none()
+            }
+            _ => LpmTrie::<_, [u8; 16], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
+        })
+    }
+
+    /// Sources the rate limiter currently tracks.
+    pub fn rate_sources(&self) -> Result<usize, MapsError> {
+        let map = self.map(m::MAP_RATELIMIT)?;
+        let h: HashMap<_, filter_common::RateKey, filter_common::RateState> =
+            HashMap::try_from(map).map_err(op_err("open", "sources", m::MAP_RATELIMIT))?;
+        Ok(h.keys().filter(Result::is_ok).count())
+    }
+
+    /// Number of entries in a rule table.
+    pub fn table_len(&self, table: &'static str) -> Result<usize, MapsError> {
+        Ok(self.entries_of(table)?.len())
+    }
+
+    fn entries_of(&self, table: &'static str) -> Result<Vec<KernelEntry>, MapsError> {
+        let map = self.map(table)?;
+        let list = if table.starts_with("ALLOW") { List::Allow } else { List::Block };
+        let e = |err| op_err("read", "entries", table)(err);
+        let mut out = Vec::new();
+        match table {
+            m::MAP_BLOCK_V4 => {
+                let h: HashMap<_, [u8; 4], RuleValue> = HashMap::try_from(map).map_err(e)?;
+                for kv in h.iter() {
+                    let (k, value) = kv.map_err(e)?;
+                    out.push(KernelEntry { list, prefix: Prefix::host(IpAddr::from(k)), value });
+                }
+            }
+            m::MAP_BLOCK_V6 => {
+                let h: HashMap<_, [u8; 16], RuleValue> = HashMap::try_from(map).map_err(e)?;
+                for kv in h.iter() {
+                    let (k, value) = kv.map_err(e)?;
+                    out.push(KernelEntry { list, prefix: Prefix::host(IpAddr::from(k)), value });
+                }
+            }
+            m::MAP_BLOCK_NET_V4 | m::MAP_ALLOW_V4 => {
+                let t: LpmTrie<_, [u8; 4], RuleValue> = LpmTrie::try_from(map).map_err(e)?;
+                for kv in t.iter() {
+                    let (k, value) = kv.map_err(e)?;
+                    let prefix = Prefix::new_truncating(IpAddr::from(k.data()), k.prefix_len() as u8);
+                    out.push(KernelEntry { list, prefix, value });
+                }
+            }
+            _ => {
+                let t: LpmTrie<_, [u8; 16], RuleValue> = LpmTrie::try_from(map).map_err(e)?;
+                for kv in t.iter() {
+                    let (k, value) = kv.map_err(e)?;
+                    let prefix = Prefix::new_truncating(IpAddr::from(k.data()), k.prefix_len() as u8);
+                    out.push(KernelEntry { list, prefix, value });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every entry of every rule table.
+    pub fn entries(&self) -> Result<Vec<KernelEntry>, MapsError> {
+        let mut all = Vec::new();
+        for table in RULE_TABLES {
+            all.extend(self.entries_of(table)?);
+        }
+        Ok(all)
+    }
+
+    /// Counter slot of an interface, assigning a free one (with zeroed counters) if it has none.
+    pub fn assign_slot(&self, ifindex: u32) -> Result<u32, MapsError> {
+        if ifindex >= m::IFINDEX_MAX {
+            return Ok(0);
+        }
+        let mut slots: Array<_, u32> = Array::try_from(self.map(m::MAP_IFSLOT)?).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        let current = slots.get(&ifindex, 0).map_err(op_err("read", ifindex.to_string(), m::MAP_IFSLOT))?;
+        if current != 0 {
+            return Ok(current);
+        }
+        let used: Vec<u32> = slots.iter().filter_map(Result::ok).filter(|s| *s != 0).collect();
+        let Some(slot) = (1..m::IFACE_SLOTS).find(|s| !used.contains(s)) else {
+            return Ok(0); // every slot taken: this interface shares slot 0
+        };
+        self.zero_slot(slot)?;
+        slots.set(ifindex, slot, 0).map_err(op_err("write", ifindex.to_string(), m::MAP_IFSLOT))?;
+        Ok(slot)
+    }
+
+    /// Release an interface's counter slot.
+    pub fn release_slot(&self, ifindex: u32) -> Result<(), MapsError> {
+        if ifindex >= m::IFINDEX_MAX {
+            return Ok(());
+        }
+        let mut slots: Array<_, u32> = Array::try_from(self.map(m::MAP_IFSLOT)?).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        slots.set(ifindex, 0, 0).map_err(op_err("write", ifindex.to_string(), m::MAP_IFSLOT))
+    }
+
+    /// (ifindex, slot) for every interface with a slot.
+    pub fn slots(&self) -> Result<Vec<(u32, u32)>, MapsError> {
+        let slots: Array<_, u32> = Array::try_from(self.map(m::MAP_IFSLOT)?).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        Ok(slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.ok().filter(|s| *s != 0).map(|s| (i as u32, s)))
+            .collect())
+    }
+
+    fn zero_slot(&self, slot: u32) -> Result<(), MapsError> {
+        let mut c: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map(m::MAP_COUNTERS)?).map_err(op_err("open", "counters", m::MAP_COUNTERS))?;
+        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| MapsError::Op { op: "count", what: "cpus".into(), name: m::MAP_COUNTERS, reason: e.to_string() })?;
+        for r in 0..m::REASON_SLOTS {
+            let zeros = PerCpuValues::try_from(vec![Counter::default(); ncpu]).map_err(|e| MapsError::Op { op: "write", what: "zeros".into(), name: m::MAP_COUNTERS, reason: e.to_string() })?;
+            c.set(slot * m::REASON_SLOTS + r, zeros, 0).map_err(op_err("write", slot.to_string(), m::MAP_COUNTERS))?;
+        }
+        Ok(())
+    }
+
+    /// Counters of one slot, summed over CPUs, indexed by reason id.
+    pub fn counters(&self, slot: u32) -> Result<Vec<(Reason, Counter)>, MapsError> {
+        let c: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map(m::MAP_COUNTERS)?).map_err(op_err("open", "counters", m::MAP_COUNTERS))?;
+        let mut out = Vec::with_capacity(Reason::ALL.len());
+        for reason in Reason::ALL {
+            let per_cpu = c.get(&(slot * m::REASON_SLOTS + reason as u32), 0).map_err(op_err("read", reason.name(), m::MAP_COUNTERS))?;
+            let sum = per_cpu.iter().fold(Counter::default(), |a, c| Counter {
+                packets: a.packets + c.packets,
+                bytes: a.bytes + c.bytes,
+            });
+            out.push((reason, sum));
+        }
+        Ok(out)
+    }
+}
+
+fn op_err(op: &'static str, what: impl ToString, name: &'static str) -> impl Fn(MapError) -> MapsError {
+    let what = what.to_string();
+    move |e| MapsError::Op { op, what: what.clone(), name, reason: e.to_string() }
+}

@@ -1,0 +1,90 @@
+//! `cargo xtask`: the project's own build, test, lint and demo driver.
+//!
+//! Run it from anywhere in the workspace (`cargo xtask <command>`, an alias in `.cargo/config.toml`).
+//! Every command that needs the eBPF toolchain runs `setup` first, which is idempotent and takes
+//! seconds once the toolchain is in place.
+
+mod cmd;
+mod setup;
+mod tasks;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Build, test, lint and demonstrate apifilter.
+#[derive(Debug, Parser)]
+#[command(name = "xtask", bin_name = "cargo xtask", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building and testing need: nightly rust-src, bpf-linker (against nightly's
+    /// LLVM), the bpffs mount and the Debian tools the tests use. Idempotent.
+    Setup,
+    /// Run `setup`, then build the `apifilter` binary (with the XDP program embedded).
+    Build {
+        /// Build with the release profile.
+        #[arg(long)]
+        release: bool,
+    },
+    /// Run `setup`, the host unit tests and the integration tests (root).
+    Test {
+        /// Arguments for the integration test binary, after `--` (e.g. a test name filter).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check, clippy on the host crates and clippy on the eBPF crate (nightly).
+    Lint,
+    /// Run `setup` and a release build, then the narrated demo in network namespaces (root).
+    Demo,
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::run(setup::Scope::All).map(|()| ExitCode::SUCCESS),
+        Command::Build { release } => tasks::build(release).map(|()| ExitCode::SUCCESS),
+        Command::Test { args } => tasks::test(&args).map(|()| ExitCode::SUCCESS),
+        Command::Lint => tasks::lint().map(|()| ExitCode::SUCCESS),
+        Command::Demo => tasks::demo().map(|()| ExitCode::SUCCESS),
+        Command::Bench => Ok(tasks::bench()),
+    };
+    result.unwrap_or_else(|err| {
+        eprintln!("xtask: error: {err:#}");
+        ExitCode::FAILURE
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_arguments_after_double_dash() {
+        let cli = Cli::try_parse_from(["xtask", "test", "--", "prog_test_run", "--nocapture"])
+            .expect("parses");
+        match cli.command {
+            Command::Test { args } => assert_eq!(args, ["prog_test_run", "--nocapture"]),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn build_release_flag() {
+        let cli = Cli::try_parse_from(["xtask", "build", "--release"]).expect("parses");
+        assert!(matches!(cli.command, Command::Build { release: true }));
+    }
+}
