@@ -111,9 +111,10 @@ pub struct KernelEntry {
     pub value: RuleValue,
 }
 
-/// Handles on every pinned map.
+/// Handles on the pinned maps, each opened on first use and kept for the life of the value.
 pub struct Maps {
     pins: PinDir,
+    open: std::cell::RefCell<std::collections::HashMap<&'static str, Map>>,
 }
 
 fn v4(a: IpAddr) -> [u8; 4] {
@@ -136,7 +137,7 @@ impl Maps {
         if !pins.is_loaded() {
             return Err(crate::loader::LoaderError::NotLoaded { pin_dir: pins.root().to_owned() });
         }
-        Ok(Self { pins: pins.clone() })
+        Ok(Self { pins: pins.clone(), open: Default::default() })
     }
 
     fn raw(&self, name: &'static str) -> Result<MapData, MapsError> {
@@ -148,13 +149,19 @@ impl Maps {
         })
     }
 
-    fn map(&self, name: &'static str) -> Result<Map, MapsError> {
-        let data = self.raw(name)?;
-        Map::from_map_data(data).map_err(|e| MapsError::Open {
-            name,
-            path: self.pins.map(name).display().to_string(),
-            reason: e.to_string(),
-        })
+    /// A map, opened once. Callers hold at most one at a time.
+    fn map(&self, name: &'static str) -> Result<std::cell::RefMut<'_, Map>, MapsError> {
+        let mut open = self.open.borrow_mut();
+        if !open.contains_key(name) {
+            let data = self.raw(name)?;
+            let map = Map::from_map_data(data).map_err(|e| MapsError::Open {
+                name,
+                path: self.pins.map(name).display().to_string(),
+                reason: e.to_string(),
+            })?;
+            open.insert(name, map);
+        }
+        Ok(std::cell::RefMut::map(open, |o| o.get_mut(name).expect("inserted above")))
     }
 
     /// Capacity of a map.
@@ -169,13 +176,15 @@ impl Maps {
 
     /// The program's configuration.
     pub fn config(&self) -> Result<FilterConfig, MapsError> {
-        let arr: Array<_, FilterConfig> = Array::try_from(self.map(m::MAP_CONFIG)?).map_err(op_err("open", "config", m::MAP_CONFIG))?;
+        let mut guard = self.map(m::MAP_CONFIG)?;
+        let arr: Array<_, FilterConfig> = Array::try_from(&mut *guard).map_err(op_err("open", "config", m::MAP_CONFIG))?;
         arr.get(&0, 0).map_err(op_err("read", "config", m::MAP_CONFIG))
     }
 
     /// Replace the program's configuration.
     pub fn set_config(&self, cfg: &FilterConfig) -> Result<(), MapsError> {
-        let mut arr: Array<_, FilterConfig> = Array::try_from(self.map(m::MAP_CONFIG)?).map_err(op_err("open", "config", m::MAP_CONFIG))?;
+        let mut guard = self.map(m::MAP_CONFIG)?;
+        let mut arr: Array<_, FilterConfig> = Array::try_from(&mut *guard).map_err(op_err("open", "config", m::MAP_CONFIG))?;
         arr.set(0, cfg, 0).map_err(op_err("write", "config", m::MAP_CONFIG))
     }
 
@@ -189,7 +198,8 @@ impl Maps {
 
     /// Mark which destination ports the rate limit covers (empty = clear all).
     pub fn set_rl_ports(&self, ports: &[u16]) -> Result<(), MapsError> {
-        let mut arr: Array<_, u8> = Array::try_from(self.map(m::MAP_RL_PORTS)?).map_err(op_err("open", "ports", m::MAP_RL_PORTS))?;
+        let mut guard = self.map(m::MAP_RL_PORTS)?;
+        let mut arr: Array<_, u8> = Array::try_from(&mut *guard).map_err(op_err("open", "ports", m::MAP_RL_PORTS))?;
         for port in 0..m::RL_PORTS_LEN {
             let want = u8::from(ports.contains(&(port as u16)));
             if arr.get(&port, 0).unwrap_or(0) != want {
@@ -208,7 +218,8 @@ impl Maps {
             self.update_config(|c| c.flags |= flag)?;
         }
         let what = prefix.to_string();
-        let map = self.map(table)?;
+        let mut guard = self.map(table)?;
+        let map = &mut *guard;
         let full = |e: &MapError| matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) || s.io_error.raw_os_error() == Some(libc::ENOSPC) || s.io_error.raw_os_error() == Some(libc::ENOMEM));
         let res = if prefix.is_host() && list == List::Block {
             if prefix.is_v4() {
@@ -244,7 +255,8 @@ impl Maps {
     pub fn remove(&self, list: List, prefix: &Prefix) -> Result<(), MapsError> {
         let table = table_for(list, prefix);
         let what = prefix.to_string();
-        let map = self.map(table)?;
+        let mut guard = self.map(table)?;
+        let map = &mut *guard;
         let res = if prefix.is_host() && list == List::Block {
             if prefix.is_v4() {
                 let mut h: HashMap<_, [u8; 4], RuleValue> = HashMap::try_from(map).map_err(op_err("open", &what, table))?;
@@ -265,6 +277,7 @@ impl Maps {
             Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(op_err("remove", &what, table)(e)),
         }
+        drop(guard);
         // Let the kernel skip this table again once it is empty.
         if self.table_is_empty(table)? {
             let flag = has_flag(table);
@@ -275,7 +288,8 @@ impl Maps {
 
     /// True when a rule table holds nothing.
     pub fn table_is_empty(&self, table: &'static str) -> Result<bool, MapsError> {
-        let map = self.map(table)?;
+        let mut guard = self.map(table)?;
+        let map = &mut *guard;
         let e = |err| op_err("read", "keys", table)(err);
         Ok(match table {
             m::MAP_BLOCK_V4 => HashMap::<_, [u8; 4], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
@@ -289,7 +303,8 @@ impl Maps {
 
     /// Sources the rate limiter currently tracks.
     pub fn rate_sources(&self) -> Result<usize, MapsError> {
-        let map = self.map(m::MAP_RATELIMIT)?;
+        let mut guard = self.map(m::MAP_RATELIMIT)?;
+        let map = &mut *guard;
         let h: HashMap<_, filter_common::RateKey, filter_common::RateState> =
             HashMap::try_from(map).map_err(op_err("open", "sources", m::MAP_RATELIMIT))?;
         Ok(h.keys().filter(Result::is_ok).count())
@@ -301,7 +316,8 @@ impl Maps {
     }
 
     fn entries_of(&self, table: &'static str) -> Result<Vec<KernelEntry>, MapsError> {
-        let map = self.map(table)?;
+        let mut guard = self.map(table)?;
+        let map = &mut *guard;
         let list = if table.starts_with("ALLOW") { List::Allow } else { List::Block };
         let e = |err| op_err("read", "entries", table)(err);
         let mut out = Vec::new();
@@ -354,7 +370,8 @@ impl Maps {
         if ifindex >= m::IFINDEX_MAX {
             return Ok(0);
         }
-        let mut slots: Array<_, u32> = Array::try_from(self.map(m::MAP_IFSLOT)?).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        let mut guard = self.map(m::MAP_IFSLOT)?;
+        let slots: Array<_, u32> = Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
         let current = slots.get(&ifindex, 0).map_err(op_err("read", ifindex.to_string(), m::MAP_IFSLOT))?;
         if current != 0 {
             return Ok(current);
@@ -363,7 +380,11 @@ impl Maps {
         let Some(slot) = (1..m::IFACE_SLOTS).find(|s| !used.contains(s)) else {
             return Ok(0); // every slot taken: this interface shares slot 0
         };
+        drop(slots);
+        drop(guard);
         self.zero_slot(slot)?;
+        let mut guard = self.map(m::MAP_IFSLOT)?;
+        let mut slots: Array<_, u32> = Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
         slots.set(ifindex, slot, 0).map_err(op_err("write", ifindex.to_string(), m::MAP_IFSLOT))?;
         Ok(slot)
     }
@@ -373,13 +394,15 @@ impl Maps {
         if ifindex >= m::IFINDEX_MAX {
             return Ok(());
         }
-        let mut slots: Array<_, u32> = Array::try_from(self.map(m::MAP_IFSLOT)?).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        let mut guard = self.map(m::MAP_IFSLOT)?;
+        let mut slots: Array<_, u32> = Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
         slots.set(ifindex, 0, 0).map_err(op_err("write", ifindex.to_string(), m::MAP_IFSLOT))
     }
 
     /// (ifindex, slot) for every interface with a slot.
     pub fn slots(&self) -> Result<Vec<(u32, u32)>, MapsError> {
-        let slots: Array<_, u32> = Array::try_from(self.map(m::MAP_IFSLOT)?).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        let mut guard = self.map(m::MAP_IFSLOT)?;
+        let slots: Array<_, u32> = Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
         Ok(slots
             .iter()
             .enumerate()
@@ -388,7 +411,8 @@ impl Maps {
     }
 
     fn zero_slot(&self, slot: u32) -> Result<(), MapsError> {
-        let mut c: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map(m::MAP_COUNTERS)?).map_err(op_err("open", "counters", m::MAP_COUNTERS))?;
+        let mut guard = self.map(m::MAP_COUNTERS)?;
+        let mut c: PerCpuArray<_, Counter> = PerCpuArray::try_from(&mut *guard).map_err(op_err("open", "counters", m::MAP_COUNTERS))?;
         let ncpu = aya::util::nr_cpus().map_err(|(_, e)| MapsError::Op { op: "count", what: "cpus".into(), name: m::MAP_COUNTERS, reason: e.to_string() })?;
         for r in 0..m::REASON_SLOTS {
             let zeros = PerCpuValues::try_from(vec![Counter::default(); ncpu]).map_err(|e| MapsError::Op { op: "write", what: "zeros".into(), name: m::MAP_COUNTERS, reason: e.to_string() })?;
@@ -399,7 +423,8 @@ impl Maps {
 
     /// Counters of one slot, summed over CPUs, indexed by reason id.
     pub fn counters(&self, slot: u32) -> Result<Vec<(Reason, Counter)>, MapsError> {
-        let c: PerCpuArray<_, Counter> = PerCpuArray::try_from(self.map(m::MAP_COUNTERS)?).map_err(op_err("open", "counters", m::MAP_COUNTERS))?;
+        let mut guard = self.map(m::MAP_COUNTERS)?;
+        let c: PerCpuArray<_, Counter> = PerCpuArray::try_from(&mut *guard).map_err(op_err("open", "counters", m::MAP_COUNTERS))?;
         let mut out = Vec::with_capacity(Reason::ALL.len());
         for reason in Reason::ALL {
             let per_cpu = c.get(&(slot * m::REASON_SLOTS + reason as u32), 0).map_err(op_err("read", reason.name(), m::MAP_COUNTERS))?;
