@@ -88,6 +88,7 @@ fn apply(
     audit: (&str, String),
 ) -> anyhow::Result<usize> {
     let maps = loaded_maps(pins);
+    expire(maps.as_ref(), store)?;
     let mut pushed: Vec<(Prefix, Option<Option<i64>>)> = Vec::new();
     let bar = progress(prefixes.len());
     let result = store.write(|tx| {
@@ -124,6 +125,20 @@ fn apply(
         eprintln!("note: the filter is not loaded under {}; the change is stored and applies on `apifilter attach`", pins.root().display());
     }
     Ok(pushed.len())
+}
+
+/// Drop claims whose TTL ran out and remove entries left without a live owner from the kernel
+/// (which already ignores them; this keeps the tables and `list` tidy).
+fn expire(maps: Option<&Maps>, store: &mut Store) -> anyhow::Result<()> {
+    store.write(|tx| {
+        for (list, prefix) in tx.purge_expired(unix_ms())? {
+            let effective = tx.effective(list, &prefix)?;
+            if let Some(maps) = maps {
+                push(maps, list, &prefix, effective)?;
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })
 }
 
 fn progress(len: usize) -> Option<indicatif::ProgressBar> {
@@ -305,13 +320,24 @@ fn release(pins: &PinDir, state: &Path, list: List, entries: &[Prefix], verb: &s
     store.write(|tx| {
         for p in entries {
             if !tx.has_claim(list, p, OWNER_CLI)? {
-                missing.push(p.to_string());
+                missing.push(*p);
             }
         }
         Ok::<_, StoreError>(())
     })?;
     if !missing.is_empty() {
-        bail!("not in the {}list from the command line: {}", list.as_str(), missing.join(", "));
+        let stored = store.entries(Some(list))?;
+        let why: Vec<String> = missing
+            .iter()
+            .map(|p| match stored.iter().find(|e| e.prefix == *p) {
+                Some(e) => format!(
+                    "{p} (added by {}; those sources remove their own entries)",
+                    e.claims.iter().map(|c| c.owner.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+                None => format!("{p} (not in the {}list)", list.as_str()),
+            })
+            .collect();
+        bail!("nothing changed: not {}ed from the command line: {}", list.as_str(), why.join("; "));
     }
     apply(pins, &mut store, list, entries, |tx, p| tx.release(list, p, OWNER_CLI), (verb, describe(entries, None, None)))?;
     let remaining = store.entries(Some(list))?;

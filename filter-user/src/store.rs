@@ -415,11 +415,29 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Delete claims that expired before `now_ms`; returns how many.
-    pub fn purge_expired(&mut self, now_ms: i64) -> Result<usize, StoreError> {
-        self.tx
-            .execute("DELETE FROM entries WHERE expires_at IS NOT NULL AND expires_at <= ?1", params![now_ms])
-            .map_err(self.db())
+    /// Delete claims that expired at or before `now_ms`; returns the entries they belonged to, so
+    /// the caller can bring the kernel in line.
+    pub fn purge_expired(&mut self, now_ms: i64) -> Result<Vec<(List, Prefix)>, StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "DELETE FROM entries WHERE expires_at IS NOT NULL AND expires_at <= ?1 RETURNING list, prefix",
+            )
+            .map_err(self.db())?;
+        let rows: Vec<(String, String)> = stmt
+            .query_map(params![now_ms], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.db())?
+            .collect::<Result<_, _>>()
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for (list, prefix) in rows {
+            let corrupt = || StoreError::Corrupt { path: self.path.clone(), value: format!("{list} {prefix}") };
+            let entry = (parse_list(&list).ok_or_else(corrupt)?, prefix.parse().map_err(|_| corrupt())?);
+            if !out.contains(&entry) {
+                out.push(entry);
+            }
+        }
+        Ok(out)
     }
 
     /// Append to the audit log.
@@ -498,20 +516,11 @@ mod tests {
         let live = s.live(3_000).unwrap();
         assert_eq!(
             live,
-            vec![
-                (List::Block, p("198.18.0.1"), Some(9_000)),
-                (List::Allow, p("198.18.1.0/24"), None),
-            ]
-            .into_iter()
-            .filter(|_| true)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect::<Vec<_>>()
+            vec![(List::Block, p("198.18.0.1"), Some(9_000)), (List::Allow, p("198.18.1.0/24"), None)]
         );
         let purged = s.write(|tx| tx.purge_expired(3_000)).unwrap();
-        assert_eq!(purged, 1);
+        assert_eq!(purged, vec![(List::Block, p("198.18.0.2"))]);
+        assert_eq!(s.entries(None).unwrap().len(), 2);
     }
 
     #[test]
