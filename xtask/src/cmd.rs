@@ -71,7 +71,9 @@ pub fn show(cmd: &Command) -> String {
         let arg = arg.to_string_lossy();
         line.push(' ');
         if arg.is_empty() || arg.contains(|c: char| c.is_whitespace() || c == '\'') {
-            line.push_str(&format!("'{}'", arg.replace('\'', r"'\''")));
+            line.push('\'');
+            line.push_str(&arg.replace('\'', r"'\''"));
+            line.push('\'');
         } else {
             line.push_str(&arg);
         }

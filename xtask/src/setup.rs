@@ -112,28 +112,18 @@ struct Nightly {
 
 impl Nightly {
     fn detect() -> Result<Self> {
-        let verbose = match stdout_of(Command::new("rustc").args(["+nightly", "-vV"])) {
-            Ok(out) => out,
-            Err(_) => {
-                println!("setup: no nightly toolchain; installing it");
-                step(
-                    "install nightly",
-                    Command::new("rustup").args([
-                        "toolchain",
-                        "install",
-                        "nightly",
-                        "--profile",
-                        "minimal",
-                        "--component",
-                        "rust-src",
-                        "--component",
-                        "clippy",
-                        "--component",
-                        "rustfmt",
-                    ]),
-                )?;
-                stdout_of(Command::new("rustc").args(["+nightly", "-vV"]))?
-            }
+        let rustc_vv = || stdout_of(Command::new("rustc").args(["+nightly", "-vV"]));
+        let verbose = if let Ok(out) = rustc_vv() {
+            out
+        } else {
+            println!("setup: no nightly toolchain; installing it");
+            let mut install = Command::new("rustup");
+            install
+                .args(["toolchain", "install", "nightly", "--profile", "minimal"])
+                .args(["--component", "rust-src", "--component", "clippy"])
+                .args(["--component", "rustfmt"]);
+            step("install nightly", &mut install)?;
+            rustc_vv()?
         };
         let (version, llvm_major) = parse_rustc_verbose(&verbose)?;
         let sysroot = stdout_of(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))?;
@@ -226,11 +216,10 @@ fn bpf_linker(nightly: &Nightly, paths: &Paths) -> Result<()> {
     let started = Instant::now();
     link_llvm(&nightly.sysroot, &paths.llvm_prefix)?;
     // An interrupted build must not look finished next time.
-    match fs::remove_file(paths.stamp()) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            return Err(err).context("removing the bpf-linker stamp");
-        }
-        _ => {}
+    if let Err(err) = fs::remove_file(paths.stamp())
+        && err.kind() != std::io::ErrorKind::NotFound
+    {
+        return Err(err).context("removing the bpf-linker stamp");
     }
     let features = format!("llvm-{}", nightly.llvm_major);
     let mut install = cmd::cargo();
