@@ -120,6 +120,12 @@ pub trait Tables {
     /// Boot-time clock in ns (`CLOCK_BOOTTIME`), the clock of every expiry. Called only when an
     /// entry with an expiry matched or the rate limiter runs, so the common path skips the helper.
     fn now(&self) -> u64;
+    /// The rate limiter's clock: monotonic, at tick resolution, and far cheaper to read than
+    /// [`Tables::now`] (the kernel's `bpf_ktime_get_coarse_ns`). The controller raises the burst
+    /// tolerance to at least one tick so a coarse clock never under-admits.
+    fn now_coarse(&self) -> u64 {
+        self.now()
+    }
     /// Allowlist, longest prefix containing `addr`.
     fn allow_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue>;
     /// Allowlist, longest prefix containing `addr`.
@@ -199,7 +205,7 @@ pub fn rate_in_scope<T: Tables>(t: &T, cfg: &FilterConfig, meta: &PacketMeta) ->
 /// source, which every CPU that sees it before the insert lands admits (at most one per CPU).
 #[inline(always)]
 pub fn rate_admit<T: Tables>(t: &T, cfg: &FilterConfig, key: &RateKey) -> bool {
-    let now = t.now();
+    let now = t.now_coarse();
     let interval = cfg.rl_interval_ns;
     let tolerance = cfg.rl_tolerance_ns;
     let Some(state) = t.rate_state(key) else {

@@ -100,7 +100,7 @@ pub struct FilterConfig {
     pub rl_v6_prefix: u32,
     /// GCRA emission interval: nanoseconds per allowed packet (`1e9 / pps`).
     pub rl_interval_ns: u64,
-    /// GCRA burst tolerance: `(burst - 1) * rl_interval_ns`.
+    /// GCRA burst tolerance: `(burst - 1) * rl_interval_ns`, at least one tick of the coarse clock.
     pub rl_tolerance_ns: u64,
     /// `rl_v6_prefix` as a byte mask over the 16 address bytes.
     pub rl_v6_mask: [u8; 16],

@@ -5,7 +5,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST, xdp_action},
-    helpers::bpf_ktime_get_boot_ns,
+    helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
@@ -87,6 +87,11 @@ impl Tables for Maps<'_> {
     fn now(&self) -> u64 {
         // SAFETY: helper without arguments.
         unsafe { bpf_ktime_get_boot_ns() }
+    }
+    #[inline(always)]
+    fn now_coarse(&self) -> u64 {
+        // SAFETY: helper without arguments.
+        unsafe { bpf_ktime_get_coarse_ns() }
     }
     #[inline(always)]
     fn allow_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue> {

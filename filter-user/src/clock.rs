@@ -12,6 +12,17 @@ pub fn boot_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// Resolution of `CLOCK_MONOTONIC_COARSE`, the rate limiter's clock in the kernel (one tick).
+pub fn coarse_tick_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return 10_000_000; // HZ=100, the coarsest tick Linux uses
+    }
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// The boot-time instant matching a wall-clock instant (saturating at 0 for the past).
 pub fn boot_ns_at_unix_ms(at_ms: i64) -> u64 {
     let delta_ms = at_ms - unix_ms();
@@ -40,5 +51,7 @@ mod tests {
         assert!(in_1h >= now + 3_599_000_000_000 && in_1h <= now + 3_601_000_000_000);
         assert!(boot_ns_at_unix_ms(unix_ms() - 1_000) < boot_ns());
         assert_eq!(rfc3339_ms(0), "1970-01-01T00:00:00Z");
+        let tick = coarse_tick_ns();
+        assert!((1_000_000..=10_000_000).contains(&tick), "tick {tick}");
     }
 }

@@ -224,7 +224,7 @@ fn apply_settings(maps: &Maps, s: &Settings) -> anyhow::Result<()> {
             }
             let interval = (1_000_000_000 / rl.pps).max(1);
             c.rl_interval_ns = interval;
-            c.rl_tolerance_ns = interval.saturating_mul(rl.burst.saturating_sub(1));
+            c.rl_tolerance_ns = interval.saturating_mul(rl.burst.saturating_sub(1)).max(clock::coarse_tick_ns());
             c.rl_v6_prefix = u32::from(rl.v6_prefix);
             c.rl_v6_mask = m::v6_mask(u32::from(rl.v6_prefix));
             ports = &rl.ports;
