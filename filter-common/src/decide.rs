@@ -134,7 +134,7 @@ pub trait Tables {
     fn block_host_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue>;
     /// Blocklist, exact host.
     fn block_host_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue>;
-    /// Blocklist, longest prefix.
+    /// Blocklist, longest prefix (across every table that holds IPv4 prefixes).
     fn block_net_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue>;
     /// Blocklist, longest prefix.
     fn block_net_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue>;
@@ -230,6 +230,9 @@ pub fn rate_admit<T: Tables>(t: &T, cfg: &FilterConfig, key: &RateKey) -> bool {
     false
 }
 
+/// Tables holding IPv4 prefixes, as `CFG_HAS_*` bits.
+const V4_NETS: u32 = CFG_HAS_BLOCK_NET_V4 | CFG_HAS_BLOCK_WIDE_V4 | CFG_HAS_NET24_V4;
+
 /// The decision order of DESIGN.md, steps 1–6 (monitor mode is applied by [`verdict`]).
 #[inline(always)]
 pub fn decide<T: Tables>(t: &T, cfg: &FilterConfig, meta: &PacketMeta) -> Reason {
@@ -242,7 +245,7 @@ pub fn decide<T: Tables>(t: &T, cfg: &FilterConfig, meta: &PacketMeta) -> Reason
                 return Reason::PassAllowlist;
             }
             if (cfg.has(CFG_HAS_BLOCK_V4) && hit(t, t.block_host_v4(src)))
-                || (cfg.has(CFG_HAS_BLOCK_NET_V4) && hit(t, t.block_net_v4(src)))
+                || (cfg.flags & V4_NETS != 0 && hit(t, t.block_net_v4(src)))
             {
                 return Reason::DropBlocklist;
             }

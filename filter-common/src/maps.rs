@@ -16,8 +16,18 @@ pub const MAP_IFSLOT: &str = "IFSLOT";
 pub const MAP_BLOCK_V4: &str = "BLOCK_V4";
 /// Exact IPv6 hosts: hash `[u8; 16]` → [`RuleValue`].
 pub const MAP_BLOCK_V6: &str = "BLOCK_V6";
-/// IPv4 prefixes shorter than /32: LPM trie → [`RuleValue`].
+/// IPv4 prefixes /25 to /31: LPM trie → [`RuleValue`].
 pub const MAP_BLOCK_NET_V4: &str = "BLOCK_NET_V4";
+/// IPv4 prefixes /0 to /7: LPM trie → [`RuleValue`] (only with `--force` or feeds that allow it).
+pub const MAP_BLOCK_WIDE_V4: &str = "BLOCK_WIDE_V4";
+/// IPv4 prefixes /8 to /24, expanded DIR-24-8 style: array indexed by the address's top 24 bits
+/// giving the id (in `NET_RULES_V4`) of the longest such prefix covering it; 0 = none. One array
+/// lookup however many prefixes there are, where an LPM trie walks dozens of nodes.
+pub const MAP_NET24_V4: &str = "NET24_V4";
+/// Array of [`NetRule`] by id for the prefixes in `NET24_V4` (id 0 unused).
+pub const MAP_NET_RULES_V4: &str = "NET_RULES_V4";
+/// Hash [`NetKeyV4`] → id: which id each `NET24_V4` prefix has (controller bookkeeping).
+pub const MAP_NET_IDS_V4: &str = "NET_IDS_V4";
 /// IPv6 prefixes shorter than /128: LPM trie → [`RuleValue`].
 pub const MAP_BLOCK_NET_V6: &str = "BLOCK_NET_V6";
 /// IPv4 allowlist, any prefix length: LPM trie → [`RuleValue`].
@@ -30,13 +40,17 @@ pub const MAP_RATELIMIT: &str = "RATELIMIT";
 pub const MAP_RL_PORTS: &str = "RL_PORTS";
 
 /// Every map the program declares, in the order the controller pins and reports them.
-pub const ALL_MAPS: [&str; 11] = [
+pub const ALL_MAPS: [&str; 15] = [
     MAP_CONFIG,
     MAP_COUNTERS,
     MAP_IFSLOT,
     MAP_BLOCK_V4,
     MAP_BLOCK_V6,
     MAP_BLOCK_NET_V4,
+    MAP_BLOCK_WIDE_V4,
+    MAP_NET24_V4,
+    MAP_NET_RULES_V4,
+    MAP_NET_IDS_V4,
     MAP_BLOCK_NET_V6,
     MAP_ALLOW_V4,
     MAP_ALLOW_V6,
@@ -48,8 +62,17 @@ pub const ALL_MAPS: [&str; 11] = [
 pub const BLOCK_V4_MAX: u32 = 1 << 20;
 /// Default capacity of the exact IPv6 host table.
 pub const BLOCK_V6_MAX: u32 = 1 << 18;
-/// Default capacity of the IPv4 prefix trie.
+/// Default capacity for IPv4 prefixes: of `NET_RULES_V4`/`NET_IDS_V4` (/8–/24) and of the
+/// /25–/31 trie each.
 pub const BLOCK_NET_V4_MAX: u32 = 1 << 18;
+/// Capacity of the /0–/7 trie: at most 255 such prefixes exist.
+pub const BLOCK_WIDE_V4_MAX: u32 = 256;
+/// Entries of `NET24_V4`: one per /24.
+pub const NET24_LEN: u32 = 1 << 24;
+/// Shortest prefix held in `NET24_V4`.
+pub const NET24_MIN_LEN: u8 = 8;
+/// Longest prefix held in `NET24_V4`.
+pub const NET24_MAX_LEN: u8 = 24;
 /// Default capacity of the IPv6 prefix trie.
 pub const BLOCK_NET_V6_MAX: u32 = 1 << 16;
 /// Default capacity of each allowlist trie: allowlists are short, operator-written lists.
@@ -89,6 +112,10 @@ pub const CFG_HAS_BLOCK_V6: u32 = 1 << 11;
 pub const CFG_HAS_BLOCK_NET_V4: u32 = 1 << 12;
 /// See [`CFG_HAS_ALLOW_V4`].
 pub const CFG_HAS_BLOCK_NET_V6: u32 = 1 << 13;
+/// See [`CFG_HAS_ALLOW_V4`].
+pub const CFG_HAS_BLOCK_WIDE_V4: u32 = 1 << 14;
+/// See [`CFG_HAS_ALLOW_V4`].
+pub const CFG_HAS_NET24_V4: u32 = 1 << 15;
 
 /// Runtime configuration of the program, written by the controller (index 0 of `CONFIG`).
 #[repr(C)]
@@ -144,6 +171,31 @@ pub struct RuleValue {
 }
 const _: () = assert!(size_of::<RuleValue>() == 16);
 
+/// Value of `NET_RULES_V4`: a [`RuleValue`] (same layout at the start, so the kernel hands it out
+/// as one) plus the prefix it belongs to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetRule {
+    /// Expiry and hits.
+    pub rule: RuleValue,
+    /// Prefix length (8..=24); 0 for a free id.
+    pub prefix_len: u32,
+    /// Network address in network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<NetRule>() == 24);
+
+/// Key of `NET_IDS_V4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct NetKeyV4 {
+    /// Prefix length.
+    pub prefix_len: u32,
+    /// Network address in network byte order.
+    pub addr: [u8; 4],
+}
+const _: () = assert!(size_of::<NetKeyV4>() == 8);
+
 /// Key of the rate limiter: an IPv4 address as its IPv4-mapped IPv6 form, or an IPv6 address
 /// masked to `rl_v6_prefix`.
 #[repr(C)]
@@ -183,6 +235,8 @@ mod pod {
     unsafe impl aya::Pod for super::FilterConfig {}
     unsafe impl aya::Pod for super::RuleValue {}
     unsafe impl aya::Pod for super::RateKey {}
+    unsafe impl aya::Pod for super::NetRule {}
+    unsafe impl aya::Pod for super::NetKeyV4 {}
     unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::Counter {}
 }

@@ -33,6 +33,16 @@ static BLOCK_V4: HashMap<[u8; 4], RuleValue> = HashMap::pinned(BLOCK_V4_MAX, 0);
 static BLOCK_V6: HashMap<[u8; 16], RuleValue> = HashMap::pinned(BLOCK_V6_MAX, 0);
 #[map(name = "BLOCK_NET_V4")]
 static BLOCK_NET_V4: LpmTrie<[u8; 4], RuleValue> = LpmTrie::pinned(BLOCK_NET_V4_MAX, 0);
+#[map(name = "BLOCK_WIDE_V4")]
+static BLOCK_WIDE_V4: LpmTrie<[u8; 4], RuleValue> = LpmTrie::pinned(BLOCK_WIDE_V4_MAX, 0);
+#[map(name = "NET24_V4")]
+static NET24_V4: Array<u32> = Array::pinned(NET24_LEN, 0);
+#[map(name = "NET_RULES_V4")]
+static NET_RULES_V4: Array<NetRule> = Array::pinned(BLOCK_NET_V4_MAX, 0);
+/// Controller bookkeeping only; declared here so it is created and pinned with the rest.
+#[map(name = "NET_IDS_V4")]
+#[expect(dead_code, reason = "the program never reads it")]
+static NET_IDS_V4: HashMap<NetKeyV4, u32> = HashMap::pinned(BLOCK_NET_V4_MAX, 0);
 #[map(name = "BLOCK_NET_V6")]
 static BLOCK_NET_V6: LpmTrie<[u8; 16], RuleValue> = LpmTrie::pinned(BLOCK_NET_V6_MAX, 0);
 #[map(name = "ALLOW_V4")]
@@ -53,7 +63,7 @@ pub fn apifilter(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_PASS;
     };
     let meta = parse(&ctx, needs_l4(cfg));
-    let tables = Maps { ctx: &ctx };
+    let tables = Maps { ctx: &ctx, cfg };
     let v = verdict(decide(&tables, cfg, &meta), cfg.has(CFG_MONITOR));
     record(&ctx, v.reason as u32, meta.len);
     v.action
@@ -80,6 +90,7 @@ fn record(ctx: &XdpContext, reason: u32, len: u32) {
 
 struct Maps<'a> {
     ctx: &'a XdpContext,
+    cfg: &'a FilterConfig,
 }
 
 impl Tables for Maps<'_> {
@@ -109,9 +120,27 @@ impl Tables for Maps<'_> {
     fn block_host_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue> {
         BLOCK_V6.get_ptr_mut(addr)
     }
+    /// Longest prefix first: /25–/31 trie, then the /8–/24 array, then the /0–/7 trie.
     #[inline(always)]
     fn block_net_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue> {
-        BLOCK_NET_V4.get(Key::new(32, addr)).map(|v| v as *const _ as *mut _)
+        if self.cfg.has(CFG_HAS_BLOCK_NET_V4)
+            && let Some(v) = BLOCK_NET_V4.get(Key::new(32, addr))
+        {
+            return Some(v as *const _ as *mut _);
+        }
+        if self.cfg.has(CFG_HAS_NET24_V4) {
+            let slot = u32::from(addr[0]) << 16 | u32::from(addr[1]) << 8 | u32::from(addr[2]);
+            if let Some(&id) = NET24_V4.get(slot)
+                && id != 0
+            {
+                // NetRule starts with a RuleValue (repr(C)).
+                return NET_RULES_V4.get_ptr_mut(id).map(|r| r as *mut RuleValue);
+            }
+        }
+        if self.cfg.has(CFG_HAS_BLOCK_WIDE_V4) {
+            return BLOCK_WIDE_V4.get(Key::new(32, addr)).map(|v| v as *const _ as *mut _);
+        }
+        None
     }
     #[inline(always)]
     fn block_net_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue> {

@@ -206,6 +206,8 @@ pub fn ensure_loaded(pins: &PinDir, caps: &Capacities) -> Result<bool, LoaderErr
         .map_max_entries(m::MAP_BLOCK_V4, caps.max_v4_hosts)
         .map_max_entries(m::MAP_BLOCK_V6, caps.max_v6_hosts)
         .map_max_entries(m::MAP_BLOCK_NET_V4, caps.max_v4_prefixes)
+        .map_max_entries(m::MAP_NET_RULES_V4, caps.max_v4_prefixes.saturating_add(1))
+        .map_max_entries(m::MAP_NET_IDS_V4, caps.max_v4_prefixes)
         .map_max_entries(m::MAP_BLOCK_NET_V6, caps.max_v6_prefixes)
         .map_max_entries(m::MAP_RATELIMIT, caps.max_sources)
         .load(PROGRAM)

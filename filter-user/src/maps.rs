@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use aya::maps::{
     Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
 };
-use filter_common::{Counter, FilterConfig, Reason, RuleValue, maps as m};
+use filter_common::{Counter, FilterConfig, NetKeyV4, NetRule, Reason, RuleValue, maps as m};
 
 use crate::{cidr::Prefix, loader::PinDir};
 
@@ -74,7 +74,11 @@ fn table_for(list: List, p: &Prefix) -> &'static str {
         (List::Allow, false, _) => m::MAP_ALLOW_V6,
         (List::Block, true, true) => m::MAP_BLOCK_V4,
         (List::Block, false, true) => m::MAP_BLOCK_V6,
-        (List::Block, true, false) => m::MAP_BLOCK_NET_V4,
+        (List::Block, true, false) => match p.len() {
+            m::NET24_MIN_LEN..=m::NET24_MAX_LEN => m::MAP_NET24_V4,
+            0..m::NET24_MIN_LEN => m::MAP_BLOCK_WIDE_V4,
+            _ => m::MAP_BLOCK_NET_V4,
+        },
         (List::Block, false, false) => m::MAP_BLOCK_NET_V6,
     }
 }
@@ -86,15 +90,19 @@ fn has_flag(table: &str) -> u32 {
         m::MAP_BLOCK_V4 => m::CFG_HAS_BLOCK_V4,
         m::MAP_BLOCK_V6 => m::CFG_HAS_BLOCK_V6,
         m::MAP_BLOCK_NET_V4 => m::CFG_HAS_BLOCK_NET_V4,
+        m::MAP_BLOCK_WIDE_V4 => m::CFG_HAS_BLOCK_WIDE_V4,
+        m::MAP_NET24_V4 => m::CFG_HAS_NET24_V4,
         _ => m::CFG_HAS_BLOCK_NET_V6,
     }
 }
 
-/// Every rule table, by name.
-pub const RULE_TABLES: [&str; 6] = [
+/// Every rule table, by name (`NET24_V4` stands for the /8–/24 prefixes it expands).
+pub const RULE_TABLES: [&str; 8] = [
     m::MAP_BLOCK_V4,
     m::MAP_BLOCK_V6,
+    m::MAP_NET24_V4,
     m::MAP_BLOCK_NET_V4,
+    m::MAP_BLOCK_WIDE_V4,
     m::MAP_BLOCK_NET_V6,
     m::MAP_ALLOW_V4,
     m::MAP_ALLOW_V6,
@@ -166,6 +174,9 @@ impl Maps {
 
     /// Capacity of a map.
     pub fn capacity(&self, name: &'static str) -> Result<u32, MapsError> {
+        if name == m::MAP_NET24_V4 {
+            return Ok(self.capacity(m::MAP_NET_RULES_V4)?.saturating_sub(1));
+        }
         let info = self.raw(name)?.info().map_err(|e| MapsError::Open {
             name,
             path: self.pins.map(name).display().to_string(),
@@ -218,6 +229,9 @@ impl Maps {
             self.update_config(|c| c.flags |= flag)?;
         }
         let what = prefix.to_string();
+        if table == m::MAP_NET24_V4 {
+            return self.net24_upsert(prefix, expires_ns);
+        }
         let mut guard = self.map(table)?;
         let map = &mut *guard;
         let full = |e: &MapError| matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) || s.io_error.raw_os_error() == Some(libc::ENOSPC) || s.io_error.raw_os_error() == Some(libc::ENOMEM));
@@ -255,6 +269,13 @@ impl Maps {
     pub fn remove(&self, list: List, prefix: &Prefix) -> Result<(), MapsError> {
         let table = table_for(list, prefix);
         let what = prefix.to_string();
+        if table == m::MAP_NET24_V4 {
+            self.net24_remove(prefix)?;
+            if self.table_is_empty(table)? {
+                self.update_config(|c| c.flags &= !m::CFG_HAS_NET24_V4)?;
+            }
+            return Ok(());
+        }
         let mut guard = self.map(table)?;
         let map = &mut *guard;
         let res = if prefix.is_host() && list == List::Block {
@@ -288,13 +309,19 @@ impl Maps {
 
     /// True when a rule table holds nothing.
     pub fn table_is_empty(&self, table: &'static str) -> Result<bool, MapsError> {
+        if table == m::MAP_NET24_V4 {
+            let mut guard = self.map(m::MAP_NET_IDS_V4)?;
+            let ids: HashMap<_, NetKeyV4, u32> =
+                HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
+            return Ok(ids.keys().next().is_none());
+        }
         let mut guard = self.map(table)?;
         let map = &mut *guard;
         let e = |err| op_err("read", "keys", table)(err);
         Ok(match table {
             m::MAP_BLOCK_V4 => HashMap::<_, [u8; 4], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
             m::MAP_BLOCK_V6 => HashMap::<_, [u8; 16], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
-            m::MAP_BLOCK_NET_V4 | m::MAP_ALLOW_V4 => {
+            m::MAP_BLOCK_NET_V4 | m::MAP_BLOCK_WIDE_V4 | m::MAP_ALLOW_V4 => {
                 LpmTrie::<_, [u8; 4], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none()
             }
             _ => LpmTrie::<_, [u8; 16], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
@@ -316,6 +343,9 @@ impl Maps {
     }
 
     fn entries_of(&self, table: &'static str) -> Result<Vec<KernelEntry>, MapsError> {
+        if table == m::MAP_NET24_V4 {
+            return self.net24_entries();
+        }
         let mut guard = self.map(table)?;
         let map = &mut *guard;
         let list = if table.starts_with("ALLOW") { List::Allow } else { List::Block };
@@ -336,7 +366,7 @@ impl Maps {
                     out.push(KernelEntry { list, prefix: Prefix::host(IpAddr::from(k)), value });
                 }
             }
-            m::MAP_BLOCK_NET_V4 | m::MAP_ALLOW_V4 => {
+            m::MAP_BLOCK_NET_V4 | m::MAP_BLOCK_WIDE_V4 | m::MAP_ALLOW_V4 => {
                 let t: LpmTrie<_, [u8; 4], RuleValue> = LpmTrie::try_from(map).map_err(e)?;
                 for kv in t.iter() {
                     let (k, value) = kv.map_err(e)?;
@@ -435,6 +465,172 @@ impl Maps {
             out.push((reason, sum));
         }
         Ok(out)
+    }
+}
+
+/// The /8–/24 IPv4 prefixes, DIR-24-8 style: `NET24_V4[top 24 bits]` holds the id of the longest
+/// such prefix covering that /24, `NET_RULES_V4[id]` its expiry and hits, `NET_IDS_V4` the id of
+/// each prefix. Writes are ordered so a lookup never sees a hole: a new rule is complete before a
+/// slot points at it, and a removed prefix's slots point at the next-shorter prefix before the
+/// rule goes. `NET_RULES_V4[0].prefix_len` stores the highest id ever handed out.
+impl Maps {
+    fn net_key(p: &Prefix) -> NetKeyV4 {
+        NetKeyV4 { prefix_len: u32::from(p.len()), addr: v4(p.addr()) }
+    }
+
+    /// The /24 slots a prefix covers.
+    fn net24_range(p: &Prefix) -> std::ops::Range<u32> {
+        let a = v4(p.addr());
+        let first = u32::from(a[0]) << 16 | u32::from(a[1]) << 8 | u32::from(a[2]);
+        first..first + (1u32 << (24 - u32::from(p.len())))
+    }
+
+    fn net_rule(&self, id: u32) -> Result<NetRule, MapsError> {
+        let mut guard = self.map(m::MAP_NET_RULES_V4)?;
+        let rules: Array<_, NetRule> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
+        rules.get(&id, 0).map_err(op_err("read", id.to_string(), m::MAP_NET_RULES_V4))
+    }
+
+    fn set_net_rule(&self, id: u32, rule: &NetRule) -> Result<(), MapsError> {
+        let mut guard = self.map(m::MAP_NET_RULES_V4)?;
+        let mut rules: Array<_, NetRule> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
+        rules.set(id, rule, 0).map_err(op_err("write", id.to_string(), m::MAP_NET_RULES_V4))
+    }
+
+    fn net_id(&self, key: &NetKeyV4) -> Result<Option<u32>, MapsError> {
+        let mut guard = self.map(m::MAP_NET_IDS_V4)?;
+        let ids: HashMap<_, NetKeyV4, u32> =
+            HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
+        match ids.get(key, 0) {
+            Ok(id) => Ok(Some(id)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(op_err("read", "id", m::MAP_NET_IDS_V4)(e)),
+        }
+    }
+
+    /// A free id, or `None` when every id is taken.
+    fn alloc_net_id(&self) -> Result<Option<u32>, MapsError> {
+        let cap = self.capacity(m::MAP_NET_RULES_V4)?;
+        let mut head = self.net_rule(0)?;
+        if head.prefix_len + 1 < cap {
+            head.prefix_len += 1;
+            self.set_net_rule(0, &head)?;
+            return Ok(Some(head.prefix_len));
+        }
+        let mut guard = self.map(m::MAP_NET_RULES_V4)?;
+        let rules: Array<_, NetRule> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
+        Ok((1..cap).find(|id| rules.get(id, 0).is_ok_and(|r| r.prefix_len == 0)))
+    }
+
+    fn net24_upsert(&self, p: &Prefix, expires_ns: u64) -> Result<(), MapsError> {
+        let key = Self::net_key(p);
+        if let Some(id) = self.net_id(&key)? {
+            let mut rule = self.net_rule(id)?;
+            rule.rule.expires_ns = expires_ns;
+            return self.set_net_rule(id, &rule);
+        }
+        let what = p.to_string();
+        let Some(id) = self.alloc_net_id()? else {
+            return Err(MapsError::Full { name: m::MAP_NET_RULES_V4, max: self.capacity(m::MAP_NET24_V4)?, what });
+        };
+        let rule = NetRule { rule: RuleValue { expires_ns, hits: 0 }, prefix_len: key.prefix_len, addr: key.addr };
+        self.set_net_rule(id, &rule)?;
+        {
+            let mut guard = self.map(m::MAP_NET_IDS_V4)?;
+            let mut ids: HashMap<_, NetKeyV4, u32> =
+                HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
+            ids.insert(key, id, 0).map_err(op_err("insert", &what, m::MAP_NET_IDS_V4))?;
+        }
+        // Point every covered /24 at the new prefix unless a longer prefix already claims it.
+        let mut lens: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        let slots: Vec<(u32, u32)> = {
+            let mut guard = self.map(m::MAP_NET24_V4)?;
+            let net24: Array<_, u32> =
+                Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
+            Self::net24_range(p)
+                .map(|slot| net24.get(&slot, 0).map(|cur| (slot, cur)))
+                .collect::<Result<_, _>>()
+                .map_err(op_err("read", &what, m::MAP_NET24_V4))?
+        };
+        let mut writes = Vec::new();
+        for (slot, cur) in slots {
+            let cur_len = match cur {
+                0 => 0,
+                cur => match lens.get(&cur) {
+                    Some(l) => *l,
+                    None => {
+                        let l = self.net_rule(cur)?.prefix_len;
+                        lens.insert(cur, l);
+                        l
+                    }
+                },
+            };
+            if cur_len < key.prefix_len {
+                writes.push(slot);
+            }
+        }
+        let mut guard = self.map(m::MAP_NET24_V4)?;
+        let mut net24: Array<_, u32> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
+        for slot in writes {
+            net24.set(slot, id, 0).map_err(op_err("write", &what, m::MAP_NET24_V4))?;
+        }
+        Ok(())
+    }
+
+    fn net24_remove(&self, p: &Prefix) -> Result<(), MapsError> {
+        let key = Self::net_key(p);
+        let Some(id) = self.net_id(&key)? else { return Ok(()) };
+        let what = p.to_string();
+        // The slots fall back to the longest shorter prefix that covers this one, if any.
+        let mut fallback = 0;
+        for len in (m::NET24_MIN_LEN..p.len()).rev() {
+            let wider = Prefix::new_truncating(p.addr(), len);
+            if let Some(w) = self.net_id(&Self::net_key(&wider))? {
+                fallback = w;
+                break;
+            }
+        }
+        {
+            let mut guard = self.map(m::MAP_NET24_V4)?;
+            let mut net24: Array<_, u32> =
+                Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
+            for slot in Self::net24_range(p) {
+                if net24.get(&slot, 0).map_err(op_err("read", &what, m::MAP_NET24_V4))? == id {
+                    net24.set(slot, fallback, 0).map_err(op_err("write", &what, m::MAP_NET24_V4))?;
+                }
+            }
+        }
+        {
+            let mut guard = self.map(m::MAP_NET_IDS_V4)?;
+            let mut ids: HashMap<_, NetKeyV4, u32> =
+                HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
+            ids.remove(&key).map_err(op_err("remove", &what, m::MAP_NET_IDS_V4))?;
+        }
+        self.set_net_rule(id, &NetRule::default())
+    }
+
+    fn net24_entries(&self) -> Result<Vec<KernelEntry>, MapsError> {
+        let pairs: Vec<(NetKeyV4, u32)> = {
+            let mut guard = self.map(m::MAP_NET_IDS_V4)?;
+            let ids: HashMap<_, NetKeyV4, u32> =
+                HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
+            ids.iter().collect::<Result<_, _>>().map_err(op_err("read", "ids", m::MAP_NET_IDS_V4))?
+        };
+        pairs
+            .into_iter()
+            .map(|(k, id)| {
+                Ok(KernelEntry {
+                    list: List::Block,
+                    prefix: Prefix::new_truncating(IpAddr::from(k.addr), k.prefix_len as u8),
+                    value: self.net_rule(id)?.rule,
+                })
+            })
+            .collect()
     }
 }
 
