@@ -14,7 +14,11 @@ use anyhow::{Context as _, bail};
 fn main() -> anyhow::Result<()> {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
     let root = manifest.parent().context("workspace root")?;
-    for dir in ["filter-ebpf/src", "filter-ebpf/Cargo.toml", "filter-common/src"] {
+    for dir in [
+        "filter-ebpf/src",
+        "filter-ebpf/Cargo.toml",
+        "filter-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
     println!("cargo:rerun-if-env-changed=APIFILTER_SKIP_EBPF");

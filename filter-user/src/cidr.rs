@@ -54,7 +54,10 @@ impl Prefix {
 
     /// A single host (/32 or /128).
     pub fn host(addr: IpAddr) -> Self {
-        Self { addr, len: max_len(&addr) }
+        Self {
+            addr,
+            len: max_len(&addr),
+        }
     }
 
     /// Network address.
@@ -63,6 +66,10 @@ impl Prefix {
     }
 
     /// Prefix length in bits.
+    #[expect(
+        clippy::len_without_is_empty,
+        reason = "a prefix length, not a collection size"
+    )]
     pub fn len(&self) -> u8 {
         self.len
     }
@@ -101,11 +108,19 @@ fn max_len(addr: &IpAddr) -> u8 {
 }
 
 fn mask32(len: u8) -> u32 {
-    if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) }
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len))
+    }
 }
 
 fn mask128(len: u8) -> u128 {
-    if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) }
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len))
+    }
 }
 
 impl FromStr for Prefix {
@@ -117,8 +132,9 @@ impl FromStr for Prefix {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
         };
-        let addr: IpAddr =
-            addr.parse().map_err(|_| CidrError::Address { input: input.to_owned() })?;
+        let addr: IpAddr = addr.parse().map_err(|_| CidrError::Address {
+            input: input.to_owned(),
+        })?;
         // An IPv4-mapped IPv6 address is the IPv4 host it names.
         let (addr, shift) = match addr {
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -131,7 +147,10 @@ impl FromStr for Prefix {
         let len = match len {
             None => max,
             Some(l) => {
-                let bad = || CidrError::Length { input: input.to_owned(), max: max + shift };
+                let bad = || CidrError::Length {
+                    input: input.to_owned(),
+                    max: max + shift,
+                };
                 let l: u8 = l.parse().map_err(|_| bad())?;
                 if l > max + shift || l < shift {
                     return Err(bad());
@@ -141,7 +160,10 @@ impl FromStr for Prefix {
         };
         let prefix = Prefix::new_truncating(addr, len);
         if prefix.addr != addr {
-            return Err(CidrError::HostBits { input: input.to_owned(), suggestion: prefix });
+            return Err(CidrError::HostBits {
+                input: input.to_owned(),
+                suggestion: prefix,
+            });
         }
         Ok(prefix)
     }
@@ -149,7 +171,11 @@ impl FromStr for Prefix {
 
 impl fmt::Display for Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.is_host() { write!(f, "{}", self.addr) } else { write!(f, "{}/{}", self.addr, self.len) }
+        if self.is_host() {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{}/{}", self.addr, self.len)
+        }
     }
 }
 
@@ -187,8 +213,16 @@ mod tests {
 
     #[test]
     fn rejects_bad_input_naming_it() {
-        for bad in ["", "1.2.3", "1.2.3.4/33", "1.2.3.4/-1", "1.2.3.4/", "2001:db8::/129", "x/8", "1.2.3.4/8/8"]
-        {
+        for bad in [
+            "",
+            "1.2.3",
+            "1.2.3.4/33",
+            "1.2.3.4/-1",
+            "1.2.3.4/",
+            "2001:db8::/129",
+            "x/8",
+            "1.2.3.4/8/8",
+        ] {
             let err = bad.parse::<Prefix>().unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }

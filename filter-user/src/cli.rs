@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::{cidr::Prefix, loader::{AttachMode, Capacities}};
+use crate::{
+    cidr::Prefix,
+    loader::{AttachMode, Capacities},
+};
 
 /// Kernel-level API traffic filter: XDP drops blocklisted sources at the NIC and rate-limits the
 /// rest per source IP.
@@ -26,10 +29,22 @@ use crate::{cidr::Prefix, loader::{AttachMode, Capacities}};
 )]
 pub struct Cli {
     /// Where the loaded program, its maps and links are pinned (bpffs).
-    #[arg(long, global = true, env = "APIFILTER_PIN_DIR", default_value = "/sys/fs/bpf/apifilter", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "APIFILTER_PIN_DIR",
+        default_value = "/sys/fs/bpf/apifilter",
+        value_name = "DIR"
+    )]
     pub pin_dir: PathBuf,
     /// Where durable state lives (state.db: entries, TTLs, comments, audit log).
-    #[arg(long, global = true, env = "APIFILTER_STATE_DIR", default_value = "/var/lib/apifilter", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "APIFILTER_STATE_DIR",
+        default_value = "/var/lib/apifilter",
+        value_name = "DIR"
+    )]
     pub state_dir: PathBuf,
     /// Log format on stderr.
     #[arg(long, global = true, env = "APIFILTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
@@ -53,7 +68,9 @@ pub enum LogFormat {
 pub enum Command {
     /// Load the filter if needed, attach it to interfaces and pin it, so it keeps running after
     /// this command exits. After a reboot this also restores every live entry from the state dir.
-    #[command(after_help = "Examples:\n  apifilter attach eth0\n  apifilter attach eth0 eth1 --mode skb")]
+    #[command(
+        after_help = "Examples:\n  apifilter attach eth0\n  apifilter attach eth0 eth1 --mode skb"
+    )]
     Attach {
         /// Interfaces to attach to. Example: eth0
         #[arg(required = true, value_name = "IFACE")]
@@ -69,7 +86,11 @@ pub enum Command {
     #[command(after_help = "Examples:\n  apifilter detach eth1\n  apifilter detach --all")]
     Detach {
         /// Interfaces to detach from. Example: eth1
-        #[arg(value_name = "IFACE", required_unless_present = "all", conflicts_with = "all")]
+        #[arg(
+            value_name = "IFACE",
+            required_unless_present = "all",
+            conflicts_with = "all"
+        )]
         ifaces: Vec<String>,
         /// Detach from every interface and unload the program.
         #[arg(long)]
@@ -83,7 +104,9 @@ pub enum Command {
         json: bool,
     },
     /// Drop all traffic from addresses or prefixes.
-    #[command(after_help = "Examples:\n  apifilter block 203.0.113.7\n  apifilter block 198.51.100.0/24 --ttl 6h --comment \"scanner\"\n  apifilter block 2001:db8:bad::/48")]
+    #[command(
+        after_help = "Examples:\n  apifilter block 203.0.113.7\n  apifilter block 198.51.100.0/24 --ttl 6h --comment \"scanner\"\n  apifilter block 2001:db8:bad::/48"
+    )]
     Block(BlockArgs),
     /// Remove addresses or prefixes from the blocklist (other owners, such as feeds, keep theirs).
     #[command(after_help = "Example:\n  apifilter unblock 203.0.113.7 198.51.100.0/24")]
@@ -94,7 +117,9 @@ pub enum Command {
     },
     /// Never filter traffic from addresses or prefixes: the allowlist wins over the blocklist and
     /// the rate limit.
-    #[command(after_help = "Examples:\n  apifilter allow 192.0.2.0/24 --comment office\n  apifilter allow 2001:db8:1::/48")]
+    #[command(
+        after_help = "Examples:\n  apifilter allow 192.0.2.0/24 --comment office\n  apifilter allow 2001:db8:1::/48"
+    )]
     Allow {
         /// Entries to allow. Example: 192.0.2.0/24
         #[arg(required = true, value_name = "IP|CIDR")]
@@ -127,7 +152,9 @@ pub enum Command {
         json: bool,
     },
     /// Block every address or prefix in a list file (or `-` for stdin) as one named source.
-    #[command(after_help = "Examples:\n  apifilter import bad-ips.txt\n  curl -s https://www.spamhaus.org/drop/drop_v4.json | apifilter import - --format spamhaus --source spamhaus --replace\n  apifilter import firehol_level1.netset --source firehol --ttl 1d")]
+    #[command(
+        after_help = "Examples:\n  apifilter import bad-ips.txt\n  curl -s https://www.spamhaus.org/drop/drop_v4.json | apifilter import - --format spamhaus --source spamhaus --replace\n  apifilter import firehol_level1.netset --source firehol --ttl 1d"
+    )]
     Import(ImportArgs),
     /// Per-source rate limit in the kernel.
     #[command(subcommand)]
@@ -140,7 +167,9 @@ pub enum Command {
         mode: Mode,
     },
     /// Kernel counters per interface and reason: packets, bytes and rates.
-    #[command(after_help = "Examples:\n  apifilter stats\n  apifilter stats --watch        # every 10 s\n  apifilter stats --watch 1 --json")]
+    #[command(
+        after_help = "Examples:\n  apifilter stats\n  apifilter stats --watch        # every 10 s\n  apifilter stats --watch 1 --json"
+    )]
     Stats {
         /// Machine-readable output (JSON lines with --watch).
         #[arg(long)]
@@ -198,7 +227,9 @@ pub struct ImportArgs {
 #[derive(Debug, Subcommand)]
 pub enum RatelimitCommand {
     /// Turn on (or change) the per-source token bucket.
-    #[command(after_help = "Examples:\n  apifilter ratelimit set --pps 100 --burst 200\n  apifilter ratelimit set --pps 20 --burst 40 --ports 443 --syn-only\n  apifilter ratelimit set --pps 500 --burst 500 --v6-prefix 56")]
+    #[command(
+        after_help = "Examples:\n  apifilter ratelimit set --pps 100 --burst 200\n  apifilter ratelimit set --pps 20 --burst 40 --ports 443 --syn-only\n  apifilter ratelimit set --pps 500 --burst 500 --v6-prefix 56"
+    )]
     Set {
         /// Packets per second each source may send. Example: 100
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
@@ -237,12 +268,15 @@ pub enum Mode {
 
 /// Parse a positive duration such as `30m`, `1h`, `7d`.
 pub fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| format!("invalid duration {s:?}: {e} (examples: 90s, 30m, 1h, 7d)"))?;
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?}: {e} (examples: 90s, 30m, 1h, 7d)"))?;
     if d.is_zero() {
         return Err(format!("invalid duration {s:?}: must be more than zero"));
     }
     if d > std::time::Duration::from_secs(100 * 365 * 86_400) {
-        return Err(format!("invalid duration {s:?}: longer than 100 years; omit --ttl for a permanent entry"));
+        return Err(format!(
+            "invalid duration {s:?}: longer than 100 years; omit --ttl for a permanent entry"
+        ));
     }
     Ok(d)
 }
@@ -259,7 +293,8 @@ mod tests {
 
     #[test]
     fn bad_cidr_is_rejected_naming_it() {
-        let err = Cli::try_parse_from(["apifilter", "block", "10.0.0.1", "300.1.2.3/8"]).unwrap_err();
+        let err =
+            Cli::try_parse_from(["apifilter", "block", "10.0.0.1", "300.1.2.3/8"]).unwrap_err();
         assert!(err.to_string().contains("300.1.2.3/8"), "{err}");
     }
 
@@ -275,11 +310,21 @@ mod tests {
     fn every_subcommand_has_examples() {
         let cmd = Cli::command();
         for sub in cmd.get_subcommands() {
-            if matches!(sub.get_name(), "run" | "check-config" | "ratelimit" | "help") {
+            if matches!(
+                sub.get_name(),
+                "run" | "check-config" | "ratelimit" | "help"
+            ) {
                 continue;
             }
-            let help = sub.get_after_help().map(|s| s.to_string()).unwrap_or_default();
-            assert!(help.contains("apifilter "), "{} has no example", sub.get_name());
+            let help = sub
+                .get_after_help()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            assert!(
+                help.contains("apifilter "),
+                "{} has no example",
+                sub.get_name()
+            );
         }
     }
 

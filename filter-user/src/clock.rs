@@ -6,7 +6,10 @@ use crate::store::unix_ms;
 
 /// `CLOCK_BOOTTIME` in ns.
 pub fn boot_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -14,7 +17,10 @@ pub fn boot_ns() -> u64 {
 
 /// Resolution of `CLOCK_MONOTONIC_COARSE`, the rate limiter's clock in the kernel (one tick).
 pub fn coarse_tick_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     if rc != 0 {

@@ -15,8 +15,7 @@ use serde::Serialize;
 use crate::{
     cidr::Prefix,
     cli::{BlockArgs, Cli, Command, ImportArgs, Mode, RatelimitCommand},
-    clock,
-    formats,
+    clock, formats,
     loader::{self, AttachMode, Capacities, PinDir},
     maps::{List, Maps},
     stats,
@@ -28,15 +27,33 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     let pins = PinDir::new(&cli.pin_dir);
     let state = cli.state_dir.as_path();
     match cli.command {
-        Command::Attach { ifaces, mode, capacities } => attach(&pins, state, &ifaces, mode, &capacities),
+        Command::Attach {
+            ifaces,
+            mode,
+            capacities,
+        } => attach(&pins, state, &ifaces, mode, &capacities),
         Command::Detach { ifaces, all } => detach(&pins, state, &ifaces, all),
         Command::Status { json } => status(&pins, state, json),
         Command::Block(args) => block(&pins, state, args),
         Command::Unblock { entries } => release(&pins, state, List::Block, &entries, "unblock"),
-        Command::Allow { entries, comment, force } => allow(&pins, state, &entries, comment, force),
+        Command::Allow {
+            entries,
+            comment,
+            force,
+        } => allow(&pins, state, &entries, comment, force),
         Command::Unallow { entries } => release(&pins, state, List::Allow, &entries, "unallow"),
-        Command::List { blocked, allowed, json } => {
-            let only = if blocked { Some(List::Block) } else if allowed { Some(List::Allow) } else { None };
+        Command::List {
+            blocked,
+            allowed,
+            json,
+        } => {
+            let only = if blocked {
+                Some(List::Block)
+            } else if allowed {
+                Some(List::Allow)
+            } else {
+                None
+            };
             list(&pins, state, only, json)
         }
         Command::Import(args) => import(&pins, state, args),
@@ -50,7 +67,9 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 pub fn require_root(what: &str) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        bail!("apifilter {what} needs root: it reads and changes the kernel filter (bpffs pins) and the state database");
+        bail!(
+            "apifilter {what} needs root: it reads and changes the kernel filter (bpffs pins) and the state database"
+        );
     }
     Ok(())
 }
@@ -69,7 +88,12 @@ fn kernel_expiry(expires_at_ms: Option<i64>) -> u64 {
 }
 
 /// Make the kernel hold the entry's current effective state (`None` = no owner left).
-fn push(maps: &Maps, list: List, prefix: &Prefix, effective: Option<Option<i64>>) -> anyhow::Result<()> {
+fn push(
+    maps: &Maps,
+    list: List,
+    prefix: &Prefix,
+    effective: Option<Option<i64>>,
+) -> anyhow::Result<()> {
     match effective {
         None => maps.remove(list, prefix)?,
         Some(exp) => maps.upsert(list, prefix, kernel_expiry(exp))?,
@@ -84,7 +108,10 @@ fn apply(
     store: &mut Store,
     list: List,
     prefixes: &[Prefix],
-    mut change: impl FnMut(&mut crate::store::Tx<'_>, &Prefix) -> Result<Option<Option<i64>>, StoreError>,
+    mut change: impl FnMut(
+        &mut crate::store::Tx<'_>,
+        &Prefix,
+    ) -> Result<Option<Option<i64>>, StoreError>,
     audit: (&str, String),
 ) -> anyhow::Result<usize> {
     let maps = loaded_maps(pins);
@@ -122,7 +149,10 @@ fn apply(
         return Err(err);
     }
     if maps.is_none() {
-        eprintln!("note: the filter is not loaded under {}; the change is stored and applies on `apifilter attach`", pins.root().display());
+        eprintln!(
+            "note: the filter is not loaded under {}; the change is stored and applies on `apifilter attach`",
+            pins.root().display()
+        );
     }
     Ok(pushed.len())
 }
@@ -147,23 +177,31 @@ fn progress(len: usize) -> Option<indicatif::ProgressBar> {
     }
     let bar = indicatif::ProgressBar::new(len as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} [{bar:40}] {pos}/{len} entries ({per_sec}, {eta} left)")
-            .expect("static template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{bar:40}] {pos}/{len} entries ({per_sec}, {eta} left)",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     Some(bar)
 }
 
 fn check_everything(prefixes: &[Prefix], force: bool) -> anyhow::Result<()> {
-    if let Some(p) = prefixes.iter().find(|p| p.is_everything()) {
-        if !force {
-            bail!("refusing {p}: a /0 prefix matches every source; pass --force if you mean it");
-        }
+    if let Some(p) = prefixes.iter().find(|p| p.is_everything())
+        && !force
+    {
+        bail!("refusing {p}: a /0 prefix matches every source; pass --force if you mean it");
     }
     Ok(())
 }
 
-fn attach(pins: &PinDir, state: &Path, ifaces: &[String], mode: AttachMode, caps: &Capacities) -> anyhow::Result<()> {
+fn attach(
+    pins: &PinDir,
+    state: &Path,
+    ifaces: &[String],
+    mode: AttachMode,
+    caps: &Capacities,
+) -> anyhow::Result<()> {
     require_root("attach")?;
     // Check every name first, so a typo attaches nothing.
     for iface in ifaces {
@@ -175,7 +213,10 @@ fn attach(pins: &PinDir, state: &Path, ifaces: &[String], mode: AttachMode, caps
     if fresh {
         let restored = restore(&maps, &store)?;
         if restored > 0 {
-            println!("restored {restored} entries from {}", state.join("state.db").display());
+            println!(
+                "restored {restored} entries from {}",
+                state.join("state.db").display()
+            );
         }
     }
     for iface in ifaces {
@@ -224,7 +265,9 @@ fn apply_settings(maps: &Maps, s: &Settings) -> anyhow::Result<()> {
             }
             let interval = (1_000_000_000 / rl.pps).max(1);
             c.rl_interval_ns = interval;
-            c.rl_tolerance_ns = interval.saturating_mul(rl.burst.saturating_sub(1)).max(clock::coarse_tick_ns());
+            c.rl_tolerance_ns = interval
+                .saturating_mul(rl.burst.saturating_sub(1))
+                .max(clock::coarse_tick_ns());
             c.rl_v6_prefix = u32::from(rl.v6_prefix);
             c.rl_v6_mask = m::v6_mask(u32::from(rl.v6_prefix));
             ports = &rl.ports;
@@ -246,12 +289,19 @@ fn detach(pins: &PinDir, state: &Path, ifaces: &[String], all: bool) -> anyhow::
             tx.remove_interface(None)?;
             tx.audit(OWNER_CLI, "detach", "--all")
         })?;
-        println!("detached from {} interface(s) and unloaded the filter; state is kept in {}", attached.len(), state.display());
+        println!(
+            "detached from {} interface(s) and unloaded the filter; state is kept in {}",
+            attached.len(),
+            state.display()
+        );
         return Ok(());
     }
     for iface in ifaces {
         if !pins.link(iface).exists() {
-            bail!("{iface} is not attached (attached: {})", list_or_none(&pins.attached()));
+            bail!(
+                "{iface} is not attached (attached: {})",
+                list_or_none(&pins.attached())
+            );
         }
     }
     let maps = loaded_maps(pins);
@@ -270,7 +320,11 @@ fn detach(pins: &PinDir, state: &Path, ifaces: &[String], all: bool) -> anyhow::
 }
 
 fn list_or_none(v: &[String]) -> String {
-    if v.is_empty() { "none".into() } else { v.join(", ") }
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
 }
 
 fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
@@ -281,16 +335,35 @@ fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
     let expires = args.ttl.map(|t| unix_ms() + t.as_millis() as i64);
     let comment = args.comment.as_deref();
     let detail = describe(&args.entries, args.ttl, comment);
-    apply(pins, &mut store, List::Block, &args.entries, |tx, p| {
-        tx.claim(List::Block, p, OWNER_CLI, expires, comment).map(Some)
-    }, ("block", detail))?;
-    println!("blocked {} entr{}{}", args.entries.len(), if args.entries.len() == 1 { "y" } else { "ies" },
-        args.ttl.map(|t| format!(" for {}", humantime::format_duration(t))).unwrap_or_default());
+    apply(
+        pins,
+        &mut store,
+        List::Block,
+        &args.entries,
+        |tx, p| {
+            tx.claim(List::Block, p, OWNER_CLI, expires, comment)
+                .map(Some)
+        },
+        ("block", detail),
+    )?;
+    println!(
+        "blocked {} entr{}{}",
+        args.entries.len(),
+        if args.entries.len() == 1 { "y" } else { "ies" },
+        args.ttl
+            .map(|t| format!(" for {}", humantime::format_duration(t)))
+            .unwrap_or_default()
+    );
     Ok(())
 }
 
 fn describe(entries: &[Prefix], ttl: Option<Duration>, comment: Option<&str>) -> String {
-    let mut s = entries.iter().take(20).map(ToString::to_string).collect::<Vec<_>>().join(" ");
+    let mut s = entries
+        .iter()
+        .take(20)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" ");
     if entries.len() > 20 {
         s.push_str(&format!(" (+{} more)", entries.len() - 20));
     }
@@ -306,14 +379,23 @@ fn describe(entries: &[Prefix], ttl: Option<Duration>, comment: Option<&str>) ->
 fn warn_allowlisted(store: &Store, entries: &[Prefix]) -> anyhow::Result<()> {
     let allow = store.entries(Some(List::Allow))?;
     for e in entries {
-        if let Some(a) = allow.iter().find(|a| a.prefix.contains(e) || e.contains(&a.prefix)) {
+        if let Some(a) = allow
+            .iter()
+            .find(|a| a.prefix.contains(e) || e.contains(&a.prefix))
+        {
             tracing::warn!(entry = %e, allowlisted = %a.prefix, "overlaps the allowlist; the allowlist wins for the overlapping sources");
         }
     }
     Ok(())
 }
 
-fn release(pins: &PinDir, state: &Path, list: List, entries: &[Prefix], verb: &str) -> anyhow::Result<()> {
+fn release(
+    pins: &PinDir,
+    state: &Path,
+    list: List,
+    entries: &[Prefix],
+    verb: &str,
+) -> anyhow::Result<()> {
     require_root(verb)?;
     let mut store = Store::open(state)?;
     let mut missing = Vec::new();
@@ -332,14 +414,29 @@ fn release(pins: &PinDir, state: &Path, list: List, entries: &[Prefix], verb: &s
             .map(|p| match stored.iter().find(|e| e.prefix == *p) {
                 Some(e) => format!(
                     "{p} (added by {}; those sources remove their own entries)",
-                    e.claims.iter().map(|c| c.owner.as_str()).collect::<Vec<_>>().join(", ")
+                    e.claims
+                        .iter()
+                        .map(|c| c.owner.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
                 None => format!("{p} (not in the {}list)", list.as_str()),
             })
             .collect();
-        bail!("nothing changed: not {}ed from the command line: {}", list.as_str(), why.join("; "));
+        bail!(
+            "nothing changed: not {}ed from the command line: {}",
+            list.as_str(),
+            why.join("; ")
+        );
     }
-    apply(pins, &mut store, list, entries, |tx, p| tx.release(list, p, OWNER_CLI), (verb, describe(entries, None, None)))?;
+    apply(
+        pins,
+        &mut store,
+        list,
+        entries,
+        |tx, p| tx.release(list, p, OWNER_CLI),
+        (verb, describe(entries, None, None)),
+    )?;
     let remaining = store.entries(Some(list))?;
     for p in entries {
         if let Some(e) = remaining.iter().find(|e| e.prefix == *p) {
@@ -352,15 +449,33 @@ fn release(pins: &PinDir, state: &Path, list: List, entries: &[Prefix], verb: &s
     Ok(())
 }
 
-fn allow(pins: &PinDir, state: &Path, entries: &[Prefix], comment: Option<String>, force: bool) -> anyhow::Result<()> {
+fn allow(
+    pins: &PinDir,
+    state: &Path,
+    entries: &[Prefix],
+    comment: Option<String>,
+    force: bool,
+) -> anyhow::Result<()> {
     require_root("allow")?;
     check_everything(entries, force)?;
     let mut store = Store::open(state)?;
     let detail = describe(entries, None, comment.as_deref());
-    apply(pins, &mut store, List::Allow, entries, |tx, p| {
-        tx.claim(List::Allow, p, OWNER_CLI, None, comment.as_deref()).map(Some)
-    }, ("allow", detail))?;
-    println!("allowed {} entr{}", entries.len(), if entries.len() == 1 { "y" } else { "ies" });
+    apply(
+        pins,
+        &mut store,
+        List::Allow,
+        entries,
+        |tx, p| {
+            tx.claim(List::Allow, p, OWNER_CLI, None, comment.as_deref())
+                .map(Some)
+        },
+        ("allow", detail),
+    )?;
+    println!(
+        "allowed {} entr{}",
+        entries.len(),
+        if entries.len() == 1 { "y" } else { "ies" }
+    );
     Ok(())
 }
 
@@ -390,7 +505,9 @@ fn list(pins: &PinDir, state: &Path, only: Option<List>, json: bool) -> anyhow::
         .into_iter()
         .filter(|e| e.effective_expiry_ms().is_none_or(|t| t > now))
         .map(|e| {
-            let k = kernel.as_ref().and_then(|k| k.iter().find(|k| k.list == e.list && k.prefix == e.prefix));
+            let k = kernel
+                .as_ref()
+                .and_then(|k| k.iter().find(|k| k.list == e.list && k.prefix == e.prefix));
             let exp = e.effective_expiry_ms();
             ListRow {
                 list: e.list,
@@ -412,13 +529,18 @@ fn list(pins: &PinDir, state: &Path, only: Option<List>, json: bool) -> anyhow::
         println!("no entries");
         return Ok(());
     }
-    let mut t = crate::table::Table::new(["LIST", "ENTRY", "OWNERS", "EXPIRES IN", "HITS", "COMMENT"]);
+    let mut t =
+        crate::table::Table::new(["LIST", "ENTRY", "OWNERS", "EXPIRES IN", "HITS", "COMMENT"]);
     for r in &rows {
         t.row([
             r.list.as_str().to_string(),
             r.entry.to_string(),
             r.owners.join(","),
-            r.expires_in_secs.map(|s| humantime::format_duration(Duration::from_secs(s.max(0) as u64)).to_string()).unwrap_or_else(|| "never".into()),
+            r.expires_in_secs
+                .map(|s| {
+                    humantime::format_duration(Duration::from_secs(s.max(0) as u64)).to_string()
+                })
+                .unwrap_or_else(|| "never".into()),
             match (r.hits, r.in_kernel) {
                 (Some(h), _) => h.to_string(),
                 (None, false) if kernel.is_some() => "not loaded!".into(),
@@ -433,13 +555,21 @@ fn list(pins: &PinDir, state: &Path, only: Option<List>, json: bool) -> anyhow::
 
 fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
     require_root("import")?;
-    if args.source.is_empty() || args.source == OWNER_CLI || args.source.chars().any(|c| c.is_whitespace()) {
-        bail!("invalid --source {:?}: a name without spaces, other than \"cli\"", args.source);
+    if args.source.is_empty()
+        || args.source == OWNER_CLI
+        || args.source.chars().any(|c| c.is_whitespace())
+    {
+        bail!(
+            "invalid --source {:?}: a name without spaces, other than \"cli\"",
+            args.source
+        );
     }
     let name = args.file.display().to_string();
     let mut text = String::new();
     if name == "-" {
-        std::io::stdin().read_to_string(&mut text).context("reading stdin")?;
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading stdin")?;
     } else {
         text = std::fs::read_to_string(&args.file).with_context(|| format!("reading {name}"))?;
     }
@@ -447,7 +577,10 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
         anyhow::anyhow!(
             "{} has invalid lines; nothing was imported:\n  {}",
             name,
-            errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  ")
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n  ")
         )
     })?;
     prefixes.sort();
@@ -456,8 +589,19 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
     let mut store = Store::open(state)?;
     let expires = args.ttl.map(|t| unix_ms() + t.as_millis() as i64);
     let source = args.source.clone();
-    let detail = format!("{} entries from {name} as {source}{}", prefixes.len(), if args.replace { " (replace)" } else { "" });
-    apply(pins, &mut store, List::Block, &prefixes, |tx, p| tx.claim(List::Block, p, &source, expires, None).map(Some), ("import", detail))?;
+    let detail = format!(
+        "{} entries from {name} as {source}{}",
+        prefixes.len(),
+        if args.replace { " (replace)" } else { "" }
+    );
+    apply(
+        pins,
+        &mut store,
+        List::Block,
+        &prefixes,
+        |tx, p| tx.claim(List::Block, p, &source, expires, None).map(Some),
+        ("import", detail),
+    )?;
     let mut released = 0;
     if args.replace {
         let keep: std::collections::HashSet<Prefix> = prefixes.iter().copied().collect();
@@ -469,11 +613,28 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
             .collect();
         released = stale.len();
         if !stale.is_empty() {
-            apply(pins, &mut store, List::Block, &stale, |tx, p| tx.release(List::Block, p, &source), ("import-replace", format!("released {} entries of {source}", stale.len())))?;
+            apply(
+                pins,
+                &mut store,
+                List::Block,
+                &stale,
+                |tx, p| tx.release(List::Block, p, &source),
+                (
+                    "import-replace",
+                    format!("released {} entries of {source}", stale.len()),
+                ),
+            )?;
         }
     }
-    println!("imported {} entries from {name} as source {source:?}{}", prefixes.len(),
-        if args.replace { format!("; released {released} it no longer lists") } else { String::new() });
+    println!(
+        "imported {} entries from {name} as source {source:?}{}",
+        prefixes.len(),
+        if args.replace {
+            format!("; released {released} it no longer lists")
+        } else {
+            String::new()
+        }
+    );
     Ok(())
 }
 
@@ -490,20 +651,38 @@ fn ratelimit(pins: &PinDir, state: &Path, cmd: RatelimitCommand) -> anyhow::Resu
     }
     require_root("ratelimit")?;
     let rl = match cmd {
-        RatelimitCommand::Set { pps, burst, mut ports, v6_prefix, syn_only } => {
+        RatelimitCommand::Set {
+            pps,
+            burst,
+            mut ports,
+            v6_prefix,
+            syn_only,
+        } => {
             if ports.contains(&0) {
                 bail!("invalid --ports: port 0 is not a destination port");
             }
             ports.sort_unstable();
             ports.dedup();
-            Some(RateLimit { pps, burst, ports, v6_prefix, syn_only })
+            Some(RateLimit {
+                pps,
+                burst,
+                ports,
+                v6_prefix,
+                syn_only,
+            })
         }
         _ => None,
     };
     let mut store = Store::open(state)?;
     let mut settings = store.settings()?;
     settings.ratelimit = rl;
-    change_settings(pins, &mut store, &settings, "ratelimit", describe_ratelimit(settings.ratelimit.as_ref()))?;
+    change_settings(
+        pins,
+        &mut store,
+        &settings,
+        "ratelimit",
+        describe_ratelimit(settings.ratelimit.as_ref()),
+    )?;
     println!("{}", describe_ratelimit(settings.ratelimit.as_ref()));
     Ok(())
 }
@@ -516,13 +695,30 @@ fn describe_ratelimit(rl: Option<&RateLimit>) -> String {
             rl.pps,
             rl.burst,
             rl.v6_prefix,
-            if rl.ports.is_empty() { "all traffic".to_string() } else { format!("ports {}", rl.ports.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")) },
+            if rl.ports.is_empty() {
+                "all traffic".to_string()
+            } else {
+                format!(
+                    "ports {}",
+                    rl.ports
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                )
+            },
             if rl.syn_only { ", TCP SYN only" } else { "" }
         ),
     }
 }
 
-fn change_settings(pins: &PinDir, store: &mut Store, settings: &Settings, action: &str, detail: String) -> anyhow::Result<()> {
+fn change_settings(
+    pins: &PinDir,
+    store: &mut Store,
+    settings: &Settings,
+    action: &str,
+    detail: String,
+) -> anyhow::Result<()> {
     let maps = loaded_maps(pins);
     store.write(|tx| {
         tx.set_settings(settings)?;
@@ -533,7 +729,9 @@ fn change_settings(pins: &PinDir, store: &mut Store, settings: &Settings, action
         Ok::<_, anyhow::Error>(())
     })?;
     if maps.is_none() {
-        eprintln!("note: the filter is not loaded; the setting is stored and applies on `apifilter attach`");
+        eprintln!(
+            "note: the filter is not loaded; the setting is stored and applies on `apifilter attach`"
+        );
     }
     Ok(())
 }
@@ -543,9 +741,20 @@ fn set_mode(pins: &PinDir, state: &Path, mode: Mode) -> anyhow::Result<()> {
     let mut store = Store::open(state)?;
     let mut settings = store.settings()?;
     settings.monitor = mode == Mode::Monitor;
-    let name = if settings.monitor { "monitor" } else { "enforce" };
+    let name = if settings.monitor {
+        "monitor"
+    } else {
+        "enforce"
+    };
     change_settings(pins, &mut store, &settings, "mode", name.into())?;
-    println!("mode: {name}{}", if settings.monitor { " (nothing is dropped; would-be drops are counted as monitor_would_drop_*)" } else { "" });
+    println!(
+        "mode: {name}{}",
+        if settings.monitor {
+            " (nothing is dropped; would-be drops are counted as monitor_would_drop_*)"
+        } else {
+            ""
+        }
+    );
     Ok(())
 }
 
@@ -580,12 +789,20 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
     let settings = store.settings()?;
     let modes = store.interfaces()?;
     let loaded = pins.is_loaded();
-    let program_id = if loaded { loader::pinned_program(pins)?.info().ok().map(|i| i.id()) } else { None };
+    let program_id = if loaded {
+        loader::pinned_program(pins)?.info().ok().map(|i| i.id())
+    } else {
+        None
+    };
     let interfaces = pins
         .attached()
         .into_iter()
         .map(|name| IfaceStatus {
-            mode: modes.iter().find(|(n, _)| *n == name).map(|(_, m)| m.clone()).unwrap_or_else(|| "?".into()),
+            mode: modes
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, m)| m.clone())
+                .unwrap_or_else(|| "?".into()),
             ifindex: loader::ifindex(&name).ok(),
             name,
         })
@@ -593,15 +810,27 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
     let mut fills = Vec::new();
     if let Some(maps) = loaded_maps(pins) {
         for name in crate::maps::RULE_TABLES {
-            fills.push(MapFill { name, entries: maps.table_len(name)?, capacity: maps.capacity(name)? });
+            fills.push(MapFill {
+                name,
+                entries: maps.table_len(name)?,
+                capacity: maps.capacity(name)?,
+            });
         }
-        fills.push(MapFill { name: m::MAP_RATELIMIT, entries: maps.rate_sources()?, capacity: maps.capacity(m::MAP_RATELIMIT)? });
+        fills.push(MapFill {
+            name: m::MAP_RATELIMIT,
+            entries: maps.rate_sources()?,
+            capacity: maps.capacity(m::MAP_RATELIMIT)?,
+        });
     }
     let s = Status {
         loaded,
         pin_dir: pins.root().display().to_string(),
         program_id,
-        mode: if settings.monitor { "monitor" } else { "enforce" },
+        mode: if settings.monitor {
+            "monitor"
+        } else {
+            "enforce"
+        },
         interfaces,
         ratelimit: settings.ratelimit.clone(),
         maps: fills,
@@ -611,10 +840,19 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     if !loaded {
-        println!("filter: not loaded (pin dir {}); `apifilter attach <IFACE>` loads it", s.pin_dir);
+        println!(
+            "filter: not loaded (pin dir {}); `apifilter attach <IFACE>` loads it",
+            s.pin_dir
+        );
         return Ok(());
     }
-    println!("filter: loaded, program id {}, pinned at {}", s.program_id.map(|i| i.to_string()).unwrap_or_else(|| "?".into()), s.pin_dir);
+    println!(
+        "filter: loaded, program id {}, pinned at {}",
+        s.program_id
+            .map(|i| i.to_string())
+            .unwrap_or_else(|| "?".into()),
+        s.pin_dir
+    );
     println!("mode: {}", s.mode);
     println!("{}", describe_ratelimit(s.ratelimit.as_ref()));
     if s.interfaces.is_empty() {
@@ -622,13 +860,27 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
     } else {
         let mut t = crate::table::Table::new(["INTERFACE", "IFINDEX", "XDP MODE"]);
         for i in &s.interfaces {
-            t.row([i.name.clone(), i.ifindex.map(|x| x.to_string()).unwrap_or_else(|| "gone".into()), i.mode.clone()]);
+            t.row([
+                i.name.clone(),
+                i.ifindex
+                    .map(|x| x.to_string())
+                    .unwrap_or_else(|| "gone".into()),
+                i.mode.clone(),
+            ]);
         }
         print!("{t}");
     }
     let mut t = crate::table::Table::new(["MAP", "ENTRIES", "CAPACITY", "FILL"]);
     for f in &s.maps {
-        t.row([f.name.to_string(), f.entries.to_string(), f.capacity.to_string(), format!("{:.1}%", 100.0 * f.entries as f64 / f64::from(f.capacity.max(1)))]);
+        t.row([
+            f.name.to_string(),
+            f.entries.to_string(),
+            f.capacity.to_string(),
+            format!(
+                "{:.1}%",
+                100.0 * f.entries as f64 / f64::from(f.capacity.max(1))
+            ),
+        ]);
     }
     print!("{t}");
     Ok(())

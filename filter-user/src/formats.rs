@@ -47,7 +47,10 @@ pub fn parse_line(format: Format, line: &str) -> Result<Option<Prefix>, String> 
         let rec: SpamhausJson =
             serde_json::from_str(trimmed).map_err(|e| format!("invalid JSON record: {e}"))?;
         return match (rec.cidr, rec.kind.as_deref()) {
-            (Some(cidr), _) => cidr.parse().map(Some).map_err(|e: crate::cidr::CidrError| e.to_string()),
+            (Some(cidr), _) => cidr
+                .parse()
+                .map(Some)
+                .map_err(|e: crate::cidr::CidrError| e.to_string()),
             (None, Some("metadata")) => Ok(None),
             (None, _) => Err("JSON record without \"cidr\"".into()),
         };
@@ -58,7 +61,10 @@ pub fn parse_line(format: Format, line: &str) -> Result<Option<Prefix>, String> 
     }
     // Some lists append fields after the address ("1.2.3.4 tab comment"): take the first token.
     let token = content.split_whitespace().next().unwrap_or(content);
-    token.parse().map(Some).map_err(|e: crate::cidr::CidrError| e.to_string())
+    token
+        .parse()
+        .map(Some)
+        .map_err(|e: crate::cidr::CidrError| e.to_string())
 }
 
 /// Parse a whole list. Stops at the first `max_errors` bad lines and returns them all.
@@ -75,14 +81,22 @@ pub fn parse_all(
             Ok(Some(p)) => out.push(p),
             Ok(None) => {}
             Err(reason) => {
-                errors.push(FormatError { source_name: source_name.to_owned(), line: i + 1, reason });
+                errors.push(FormatError {
+                    source_name: source_name.to_owned(),
+                    line: i + 1,
+                    reason,
+                });
                 if errors.len() >= max_errors {
                     break;
                 }
             }
         }
     }
-    if errors.is_empty() { Ok(out) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
 }
 
 #[cfg(test)]
@@ -103,17 +117,33 @@ mod tests {
     #[test]
     fn spamhaus_text_and_json() {
         let text = "; Spamhaus DROP List\n1.10.16.0/20 ; SBL256894\n";
-        assert_eq!(parse_all(Format::Spamhaus, "t", text, 10).unwrap(), vec!["1.10.16.0/20".parse().unwrap()]);
+        assert_eq!(
+            parse_all(Format::Spamhaus, "t", text, 10).unwrap(),
+            vec!["1.10.16.0/20".parse().unwrap()]
+        );
         let json = "{\"cidr\":\"1.10.16.0/20\",\"sblid\":\"SBL256894\",\"rir\":\"apnic\"}\n{\"type\":\"metadata\",\"timestamp\":1700000000,\"size\":1,\"records\":1}\n";
-        assert_eq!(parse_all(Format::Auto, "t", json, 10).unwrap(), vec!["1.10.16.0/20".parse().unwrap()]);
+        assert_eq!(
+            parse_all(Format::Auto, "t", json, 10).unwrap(),
+            vec!["1.10.16.0/20".parse().unwrap()]
+        );
     }
 
     #[test]
     fn bad_lines_are_named() {
-        let errs = parse_all(Format::Plain, "list.txt", "198.18.0.1\nnot-an-ip\n198.18.0.300\n", 10).unwrap_err();
+        let errs = parse_all(
+            Format::Plain,
+            "list.txt",
+            "198.18.0.1\nnot-an-ip\n198.18.0.300\n",
+            10,
+        )
+        .unwrap_err();
         assert_eq!(errs.len(), 2);
         assert_eq!(errs[0].line, 2);
-        assert!(errs[0].to_string().starts_with("list.txt:2: "), "{}", errs[0]);
+        assert!(
+            errs[0].to_string().starts_with("list.txt:2: "),
+            "{}",
+            errs[0]
+        );
         assert!(errs[1].to_string().contains("198.18.0.300"));
         let errs = parse_all(Format::Auto, "j", "{\"cidr\": 5}\n", 10).unwrap_err();
         assert!(errs[0].reason.contains("invalid JSON"));

@@ -13,7 +13,6 @@ use aya::{
     programs::{
         Xdp, XdpMode,
         links::{FdLink, PinnedLink},
-
     },
 };
 use aya_obj::programs::XdpAttachType;
@@ -184,12 +183,18 @@ impl PinDir {
 }
 
 fn mkdir(path: &Path) -> Result<(), LoaderError> {
-    std::fs::create_dir_all(path)
-        .map_err(|source| LoaderError::PinDir { path: path.to_owned(), source })?;
+    std::fs::create_dir_all(path).map_err(|source| LoaderError::PinDir {
+        path: path.to_owned(),
+        source,
+    })?;
     // Only root may read or change the filter's maps through the pins.
     use std::os::unix::fs::PermissionsExt as _;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
-        .map_err(|source| LoaderError::PinDir { path: path.to_owned(), source })
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
+        LoaderError::PinDir {
+            path: path.to_owned(),
+            source,
+        }
+    })
 }
 
 /// Load the program and pin it with its maps, unless it is already pinned. Returns true when it
@@ -217,15 +222,21 @@ pub fn ensure_loaded(pins: &PinDir, caps: &Capacities) -> Result<bool, LoaderErr
         .ok_or_else(|| LoaderError::Load(format!("program {PROGRAM_NAME} missing")))?
         .try_into()
         .map_err(|e| LoaderError::Load(format!("{e}")))?;
-    prog.load().map_err(|e| LoaderError::Load(verifier_error(&e)))?;
-    prog.pin(pins.prog())
-        .map_err(|e| LoaderError::Pin { path: pins.prog(), reason: e.to_string() })?;
+    prog.load()
+        .map_err(|e| LoaderError::Load(verifier_error(&e)))?;
+    prog.pin(pins.prog()).map_err(|e| LoaderError::Pin {
+        path: pins.prog(),
+        reason: e.to_string(),
+    })?;
     Ok(true)
 }
 
 fn verifier_error(e: &aya::programs::ProgramError) -> String {
     match e {
-        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             format!("{io_error}\nverifier log:\n{verifier_log}")
         }
         other => other.to_string(),
@@ -235,18 +246,26 @@ fn verifier_error(e: &aya::programs::ProgramError) -> String {
 /// The pinned program, for attaching or `BPF_PROG_TEST_RUN`.
 pub fn pinned_program(pins: &PinDir) -> Result<Xdp, LoaderError> {
     if !pins.is_loaded() {
-        return Err(LoaderError::NotLoaded { pin_dir: pins.root().to_owned() });
+        return Err(LoaderError::NotLoaded {
+            pin_dir: pins.root().to_owned(),
+        });
     }
-    Xdp::from_pin(pins.prog(), XdpAttachType::Interface)
-        .map_err(|e| LoaderError::Pin { path: pins.prog(), reason: e.to_string() })
+    Xdp::from_pin(pins.prog(), XdpAttachType::Interface).map_err(|e| LoaderError::Pin {
+        path: pins.prog(),
+        reason: e.to_string(),
+    })
 }
 
 /// ifindex of an interface, or an error naming it.
 pub fn ifindex(iface: &str) -> Result<u32, LoaderError> {
-    let c = CString::new(iface).map_err(|_| LoaderError::NoInterface { iface: iface.into() })?;
+    let c = CString::new(iface).map_err(|_| LoaderError::NoInterface {
+        iface: iface.into(),
+    })?;
     // SAFETY: valid NUL-terminated string.
     match unsafe { libc::if_nametoindex(c.as_ptr()) } {
-        0 => Err(LoaderError::NoInterface { iface: iface.into() }),
+        0 => Err(LoaderError::NoInterface {
+            iface: iface.into(),
+        }),
         i => Ok(i),
     }
 }
@@ -261,7 +280,11 @@ pub fn attach(pins: &PinDir, iface: &str, mode: AttachMode) -> Result<AttachMode
     }
     let mut prog = pinned_program(pins)?;
     let try_mode = |prog: &mut Xdp, m: AttachMode| {
-        let flags = if m == AttachMode::Skb { XdpMode::Skb } else { XdpMode::Driver };
+        let flags = if m == AttachMode::Skb {
+            XdpMode::Skb
+        } else {
+            XdpMode::Driver
+        };
         prog.attach(iface, flags).map_err(|e| LoaderError::Attach {
             iface: iface.into(),
             mode: m,
@@ -289,9 +312,10 @@ pub fn attach(pins: &PinDir, iface: &str, mode: AttachMode) -> Result<AttachMode
         path: link_path.clone(),
         reason: format!("kernel did not give a BPF link ({e}); pinning needs Linux 5.9+"),
     })?;
-    fd_link
-        .pin(&link_path)
-        .map_err(|e| LoaderError::Pin { path: link_path.clone(), reason: e.to_string() })?;
+    fd_link.pin(&link_path).map_err(|e| LoaderError::Pin {
+        path: link_path.clone(),
+        reason: e.to_string(),
+    })?;
     Ok(used)
 }
 
@@ -299,11 +323,18 @@ pub fn attach(pins: &PinDir, iface: &str, mode: AttachMode) -> Result<AttachMode
 pub fn detach(pins: &PinDir, iface: &str) -> Result<(), LoaderError> {
     let path = pins.link(iface);
     if !path.exists() {
-        return Err(LoaderError::NotAttached { iface: iface.into() });
+        return Err(LoaderError::NotAttached {
+            iface: iface.into(),
+        });
     }
-    let link = PinnedLink::from_pin(&path)
-        .map_err(|e| LoaderError::Pin { path: path.clone(), reason: e.to_string() })?;
-    link.unpin().map_err(|e| LoaderError::Pin { path, reason: e.to_string() })?;
+    let link = PinnedLink::from_pin(&path).map_err(|e| LoaderError::Pin {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    link.unpin().map_err(|e| LoaderError::Pin {
+        path,
+        reason: e.to_string(),
+    })?;
     Ok(())
 }
 
@@ -318,7 +349,11 @@ pub fn unload(pins: &PinDir) -> Result<(), LoaderError> {
         Err(source) => Err(LoaderError::PinDir { path: p, source }),
     };
     rm(pins.prog())?;
-    for name in std::fs::read_dir(pins.maps()).into_iter().flatten().flatten() {
+    for name in std::fs::read_dir(pins.maps())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         rm(name.path())?;
     }
     for dir in [pins.links(), pins.maps(), pins.root().to_owned()] {

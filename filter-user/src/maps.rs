@@ -143,9 +143,14 @@ impl Maps {
     /// Use the maps pinned under `pins` (opened on each access; pins are cheap to open).
     pub fn open(pins: &PinDir) -> Result<Self, crate::loader::LoaderError> {
         if !pins.is_loaded() {
-            return Err(crate::loader::LoaderError::NotLoaded { pin_dir: pins.root().to_owned() });
+            return Err(crate::loader::LoaderError::NotLoaded {
+                pin_dir: pins.root().to_owned(),
+            });
         }
-        Ok(Self { pins: pins.clone(), open: Default::default() })
+        Ok(Self {
+            pins: pins.clone(),
+            open: Default::default(),
+        })
     }
 
     fn raw(&self, name: &'static str) -> Result<MapData, MapsError> {
@@ -169,7 +174,9 @@ impl Maps {
             })?;
             open.insert(name, map);
         }
-        Ok(std::cell::RefMut::map(open, |o| o.get_mut(name).expect("inserted above")))
+        Ok(std::cell::RefMut::map(open, |o| {
+            o.get_mut(name).expect("inserted above")
+        }))
     }
 
     /// Capacity of a map.
@@ -188,19 +195,26 @@ impl Maps {
     /// The program's configuration.
     pub fn config(&self) -> Result<FilterConfig, MapsError> {
         let mut guard = self.map(m::MAP_CONFIG)?;
-        let arr: Array<_, FilterConfig> = Array::try_from(&mut *guard).map_err(op_err("open", "config", m::MAP_CONFIG))?;
-        arr.get(&0, 0).map_err(op_err("read", "config", m::MAP_CONFIG))
+        let arr: Array<_, FilterConfig> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "config", m::MAP_CONFIG))?;
+        arr.get(&0, 0)
+            .map_err(op_err("read", "config", m::MAP_CONFIG))
     }
 
     /// Replace the program's configuration.
     pub fn set_config(&self, cfg: &FilterConfig) -> Result<(), MapsError> {
         let mut guard = self.map(m::MAP_CONFIG)?;
-        let mut arr: Array<_, FilterConfig> = Array::try_from(&mut *guard).map_err(op_err("open", "config", m::MAP_CONFIG))?;
-        arr.set(0, cfg, 0).map_err(op_err("write", "config", m::MAP_CONFIG))
+        let mut arr: Array<_, FilterConfig> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "config", m::MAP_CONFIG))?;
+        arr.set(0, cfg, 0)
+            .map_err(op_err("write", "config", m::MAP_CONFIG))
     }
 
     /// Change some configuration bits, keeping the rest.
-    pub fn update_config(&self, f: impl FnOnce(&mut FilterConfig)) -> Result<FilterConfig, MapsError> {
+    pub fn update_config(
+        &self,
+        f: impl FnOnce(&mut FilterConfig),
+    ) -> Result<FilterConfig, MapsError> {
         let mut cfg = self.config()?;
         f(&mut cfg);
         self.set_config(&cfg)?;
@@ -210,11 +224,16 @@ impl Maps {
     /// Mark which destination ports the rate limit covers (empty = clear all).
     pub fn set_rl_ports(&self, ports: &[u16]) -> Result<(), MapsError> {
         let mut guard = self.map(m::MAP_RL_PORTS)?;
-        let mut arr: Array<_, u8> = Array::try_from(&mut *guard).map_err(op_err("open", "ports", m::MAP_RL_PORTS))?;
+        let mut arr: Array<_, u8> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "ports", m::MAP_RL_PORTS))?;
         for port in 0..m::RL_PORTS_LEN {
             let want = u8::from(ports.contains(&(port as u16)));
             if arr.get(&port, 0).unwrap_or(0) != want {
-                arr.set(port, want, 0).map_err(op_err("write", port.to_string(), m::MAP_RL_PORTS))?;
+                arr.set(port, want, 0).map_err(op_err(
+                    "write",
+                    port.to_string(),
+                    m::MAP_RL_PORTS,
+                ))?;
             }
         }
         Ok(())
@@ -237,30 +256,38 @@ impl Maps {
         let full = |e: &MapError| matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) || s.io_error.raw_os_error() == Some(libc::ENOSPC) || s.io_error.raw_os_error() == Some(libc::ENOMEM));
         let res = if prefix.is_host() && list == List::Block {
             if prefix.is_v4() {
-                let mut h: HashMap<_, [u8; 4], RuleValue> = HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                let mut h: HashMap<_, [u8; 4], RuleValue> =
+                    HashMap::try_from(map).map_err(op_err("open", &what, table))?;
                 let k = v4(prefix.addr());
                 let hits = h.get(&k, 0).map(|v| v.hits).unwrap_or(0);
                 h.insert(k, RuleValue { expires_ns, hits }, 0)
             } else {
-                let mut h: HashMap<_, [u8; 16], RuleValue> = HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                let mut h: HashMap<_, [u8; 16], RuleValue> =
+                    HashMap::try_from(map).map_err(op_err("open", &what, table))?;
                 let k = v6(prefix.addr());
                 let hits = h.get(&k, 0).map(|v| v.hits).unwrap_or(0);
                 h.insert(k, RuleValue { expires_ns, hits }, 0)
             }
         } else if prefix.is_v4() {
-            let mut t: LpmTrie<_, [u8; 4], RuleValue> = LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+            let mut t: LpmTrie<_, [u8; 4], RuleValue> =
+                LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
             let k = Key::new(u32::from(prefix.len()), v4(prefix.addr()));
             let hits = t.get(&k, 0).map(|v| v.hits).unwrap_or(0);
             t.insert(&k, RuleValue { expires_ns, hits }, 0)
         } else {
-            let mut t: LpmTrie<_, [u8; 16], RuleValue> = LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+            let mut t: LpmTrie<_, [u8; 16], RuleValue> =
+                LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
             let k = Key::new(u32::from(prefix.len()), v6(prefix.addr()));
             let hits = t.get(&k, 0).map(|v| v.hits).unwrap_or(0);
             t.insert(&k, RuleValue { expires_ns, hits }, 0)
         };
         match res {
             Ok(()) => Ok(()),
-            Err(e) if full(&e) => Err(MapsError::Full { name: table, max: self.capacity(table)?, what }),
+            Err(e) if full(&e) => Err(MapsError::Full {
+                name: table,
+                max: self.capacity(table)?,
+                what,
+            }),
             Err(e) => Err(op_err("insert", &what, table)(e)),
         }
     }
@@ -280,17 +307,21 @@ impl Maps {
         let map = &mut *guard;
         let res = if prefix.is_host() && list == List::Block {
             if prefix.is_v4() {
-                let mut h: HashMap<_, [u8; 4], RuleValue> = HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                let mut h: HashMap<_, [u8; 4], RuleValue> =
+                    HashMap::try_from(map).map_err(op_err("open", &what, table))?;
                 h.remove(&v4(prefix.addr()))
             } else {
-                let mut h: HashMap<_, [u8; 16], RuleValue> = HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                let mut h: HashMap<_, [u8; 16], RuleValue> =
+                    HashMap::try_from(map).map_err(op_err("open", &what, table))?;
                 h.remove(&v6(prefix.addr()))
             }
         } else if prefix.is_v4() {
-            let mut t: LpmTrie<_, [u8; 4], RuleValue> = LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+            let mut t: LpmTrie<_, [u8; 4], RuleValue> =
+                LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
             t.remove(&Key::new(u32::from(prefix.len()), v4(prefix.addr())))
         } else {
-            let mut t: LpmTrie<_, [u8; 16], RuleValue> = LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+            let mut t: LpmTrie<_, [u8; 16], RuleValue> =
+                LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
             t.remove(&Key::new(u32::from(prefix.len()), v6(prefix.addr())))
         };
         match res {
@@ -319,12 +350,28 @@ impl Maps {
         let map = &mut *guard;
         let e = |err| op_err("read", "keys", table)(err);
         Ok(match table {
-            m::MAP_BLOCK_V4 => HashMap::<_, [u8; 4], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
-            m::MAP_BLOCK_V6 => HashMap::<_, [u8; 16], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
+            m::MAP_BLOCK_V4 => HashMap::<_, [u8; 4], RuleValue>::try_from(map)
+                .map_err(e)?
+                .keys()
+                .next()
+                .is_none(),
+            m::MAP_BLOCK_V6 => HashMap::<_, [u8; 16], RuleValue>::try_from(map)
+                .map_err(e)?
+                .keys()
+                .next()
+                .is_none(),
             m::MAP_BLOCK_NET_V4 | m::MAP_BLOCK_WIDE_V4 | m::MAP_ALLOW_V4 => {
-                LpmTrie::<_, [u8; 4], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none()
+                LpmTrie::<_, [u8; 4], RuleValue>::try_from(map)
+                    .map_err(e)?
+                    .keys()
+                    .next()
+                    .is_none()
             }
-            _ => LpmTrie::<_, [u8; 16], RuleValue>::try_from(map).map_err(e)?.keys().next().is_none(),
+            _ => LpmTrie::<_, [u8; 16], RuleValue>::try_from(map)
+                .map_err(e)?
+                .keys()
+                .next()
+                .is_none(),
         })
     }
 
@@ -348,7 +395,11 @@ impl Maps {
         }
         let mut guard = self.map(table)?;
         let map = &mut *guard;
-        let list = if table.starts_with("ALLOW") { List::Allow } else { List::Block };
+        let list = if table.starts_with("ALLOW") {
+            List::Allow
+        } else {
+            List::Block
+        };
         let e = |err| op_err("read", "entries", table)(err);
         let mut out = Vec::new();
         match table {
@@ -356,30 +407,48 @@ impl Maps {
                 let h: HashMap<_, [u8; 4], RuleValue> = HashMap::try_from(map).map_err(e)?;
                 for kv in h.iter() {
                     let (k, value) = kv.map_err(e)?;
-                    out.push(KernelEntry { list, prefix: Prefix::host(IpAddr::from(k)), value });
+                    out.push(KernelEntry {
+                        list,
+                        prefix: Prefix::host(IpAddr::from(k)),
+                        value,
+                    });
                 }
             }
             m::MAP_BLOCK_V6 => {
                 let h: HashMap<_, [u8; 16], RuleValue> = HashMap::try_from(map).map_err(e)?;
                 for kv in h.iter() {
                     let (k, value) = kv.map_err(e)?;
-                    out.push(KernelEntry { list, prefix: Prefix::host(IpAddr::from(k)), value });
+                    out.push(KernelEntry {
+                        list,
+                        prefix: Prefix::host(IpAddr::from(k)),
+                        value,
+                    });
                 }
             }
             m::MAP_BLOCK_NET_V4 | m::MAP_BLOCK_WIDE_V4 | m::MAP_ALLOW_V4 => {
                 let t: LpmTrie<_, [u8; 4], RuleValue> = LpmTrie::try_from(map).map_err(e)?;
                 for kv in t.iter() {
                     let (k, value) = kv.map_err(e)?;
-                    let prefix = Prefix::new_truncating(IpAddr::from(k.data()), k.prefix_len() as u8);
-                    out.push(KernelEntry { list, prefix, value });
+                    let prefix =
+                        Prefix::new_truncating(IpAddr::from(k.data()), k.prefix_len() as u8);
+                    out.push(KernelEntry {
+                        list,
+                        prefix,
+                        value,
+                    });
                 }
             }
             _ => {
                 let t: LpmTrie<_, [u8; 16], RuleValue> = LpmTrie::try_from(map).map_err(e)?;
                 for kv in t.iter() {
                     let (k, value) = kv.map_err(e)?;
-                    let prefix = Prefix::new_truncating(IpAddr::from(k.data()), k.prefix_len() as u8);
-                    out.push(KernelEntry { list, prefix, value });
+                    let prefix =
+                        Prefix::new_truncating(IpAddr::from(k.data()), k.prefix_len() as u8);
+                    out.push(KernelEntry {
+                        list,
+                        prefix,
+                        value,
+                    });
                 }
             }
         }
@@ -401,21 +470,31 @@ impl Maps {
             return Ok(0);
         }
         let mut guard = self.map(m::MAP_IFSLOT)?;
-        let slots: Array<_, u32> = Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
-        let current = slots.get(&ifindex, 0).map_err(op_err("read", ifindex.to_string(), m::MAP_IFSLOT))?;
+        let slots: Array<_, u32> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        let current =
+            slots
+                .get(&ifindex, 0)
+                .map_err(op_err("read", ifindex.to_string(), m::MAP_IFSLOT))?;
         if current != 0 {
             return Ok(current);
         }
-        let used: Vec<u32> = slots.iter().filter_map(Result::ok).filter(|s| *s != 0).collect();
+        let used: Vec<u32> = slots
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|s| *s != 0)
+            .collect();
         let Some(slot) = (1..m::IFACE_SLOTS).find(|s| !used.contains(s)) else {
             return Ok(0); // every slot taken: this interface shares slot 0
         };
-        drop(slots);
         drop(guard);
         self.zero_slot(slot)?;
         let mut guard = self.map(m::MAP_IFSLOT)?;
-        let mut slots: Array<_, u32> = Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
-        slots.set(ifindex, slot, 0).map_err(op_err("write", ifindex.to_string(), m::MAP_IFSLOT))?;
+        let mut slots: Array<_, u32> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        slots
+            .set(ifindex, slot, 0)
+            .map_err(op_err("write", ifindex.to_string(), m::MAP_IFSLOT))?;
         Ok(slot)
     }
 
@@ -425,14 +504,18 @@ impl Maps {
             return Ok(());
         }
         let mut guard = self.map(m::MAP_IFSLOT)?;
-        let mut slots: Array<_, u32> = Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
-        slots.set(ifindex, 0, 0).map_err(op_err("write", ifindex.to_string(), m::MAP_IFSLOT))
+        let mut slots: Array<_, u32> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        slots
+            .set(ifindex, 0, 0)
+            .map_err(op_err("write", ifindex.to_string(), m::MAP_IFSLOT))
     }
 
     /// (ifindex, slot) for every interface with a slot.
     pub fn slots(&self) -> Result<Vec<(u32, u32)>, MapsError> {
         let mut guard = self.map(m::MAP_IFSLOT)?;
-        let slots: Array<_, u32> = Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
+        let slots: Array<_, u32> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
         Ok(slots
             .iter()
             .enumerate()
@@ -442,11 +525,31 @@ impl Maps {
 
     fn zero_slot(&self, slot: u32) -> Result<(), MapsError> {
         let mut guard = self.map(m::MAP_COUNTERS)?;
-        let mut c: PerCpuArray<_, Counter> = PerCpuArray::try_from(&mut *guard).map_err(op_err("open", "counters", m::MAP_COUNTERS))?;
-        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| MapsError::Op { op: "count", what: "cpus".into(), name: m::MAP_COUNTERS, reason: e.to_string() })?;
+        let mut c: PerCpuArray<_, Counter> = PerCpuArray::try_from(&mut *guard).map_err(op_err(
+            "open",
+            "counters",
+            m::MAP_COUNTERS,
+        ))?;
+        let ncpu = aya::util::nr_cpus().map_err(|(_, e)| MapsError::Op {
+            op: "count",
+            what: "cpus".into(),
+            name: m::MAP_COUNTERS,
+            reason: e.to_string(),
+        })?;
         for r in 0..m::REASON_SLOTS {
-            let zeros = PerCpuValues::try_from(vec![Counter::default(); ncpu]).map_err(|e| MapsError::Op { op: "write", what: "zeros".into(), name: m::MAP_COUNTERS, reason: e.to_string() })?;
-            c.set(slot * m::REASON_SLOTS + r, zeros, 0).map_err(op_err("write", slot.to_string(), m::MAP_COUNTERS))?;
+            let zeros = PerCpuValues::try_from(vec![Counter::default(); ncpu]).map_err(|e| {
+                MapsError::Op {
+                    op: "write",
+                    what: "zeros".into(),
+                    name: m::MAP_COUNTERS,
+                    reason: e.to_string(),
+                }
+            })?;
+            c.set(slot * m::REASON_SLOTS + r, zeros, 0).map_err(op_err(
+                "write",
+                slot.to_string(),
+                m::MAP_COUNTERS,
+            ))?;
         }
         Ok(())
     }
@@ -454,10 +557,16 @@ impl Maps {
     /// Counters of one slot, summed over CPUs, indexed by reason id.
     pub fn counters(&self, slot: u32) -> Result<Vec<(Reason, Counter)>, MapsError> {
         let mut guard = self.map(m::MAP_COUNTERS)?;
-        let c: PerCpuArray<_, Counter> = PerCpuArray::try_from(&mut *guard).map_err(op_err("open", "counters", m::MAP_COUNTERS))?;
+        let c: PerCpuArray<_, Counter> = PerCpuArray::try_from(&mut *guard).map_err(op_err(
+            "open",
+            "counters",
+            m::MAP_COUNTERS,
+        ))?;
         let mut out = Vec::with_capacity(Reason::ALL.len());
         for reason in Reason::ALL {
-            let per_cpu = c.get(&(slot * m::REASON_SLOTS + reason as u32), 0).map_err(op_err("read", reason.name(), m::MAP_COUNTERS))?;
+            let per_cpu = c
+                .get(&(slot * m::REASON_SLOTS + reason as u32), 0)
+                .map_err(op_err("read", reason.name(), m::MAP_COUNTERS))?;
             let sum = per_cpu.iter().fold(Counter::default(), |a, c| Counter {
                 packets: a.packets + c.packets,
                 bytes: a.bytes + c.bytes,
@@ -475,7 +584,10 @@ impl Maps {
 /// rule goes. `NET_RULES_V4[0].prefix_len` stores the highest id ever handed out.
 impl Maps {
     fn net_key(p: &Prefix) -> NetKeyV4 {
-        NetKeyV4 { prefix_len: u32::from(p.len()), addr: v4(p.addr()) }
+        NetKeyV4 {
+            prefix_len: u32::from(p.len()),
+            addr: v4(p.addr()),
+        }
     }
 
     /// The /24 slots a prefix covers.
@@ -489,14 +601,18 @@ impl Maps {
         let mut guard = self.map(m::MAP_NET_RULES_V4)?;
         let rules: Array<_, NetRule> =
             Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
-        rules.get(&id, 0).map_err(op_err("read", id.to_string(), m::MAP_NET_RULES_V4))
+        rules
+            .get(&id, 0)
+            .map_err(op_err("read", id.to_string(), m::MAP_NET_RULES_V4))
     }
 
     fn set_net_rule(&self, id: u32, rule: &NetRule) -> Result<(), MapsError> {
         let mut guard = self.map(m::MAP_NET_RULES_V4)?;
         let mut rules: Array<_, NetRule> =
             Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
-        rules.set(id, rule, 0).map_err(op_err("write", id.to_string(), m::MAP_NET_RULES_V4))
+        rules
+            .set(id, rule, 0)
+            .map_err(op_err("write", id.to_string(), m::MAP_NET_RULES_V4))
     }
 
     fn net_id(&self, key: &NetKeyV4) -> Result<Option<u32>, MapsError> {
@@ -506,7 +622,9 @@ impl Maps {
         match ids.get(key, 0) {
             Ok(id) => Ok(Some(id)),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
             Err(e) => Err(op_err("read", "id", m::MAP_NET_IDS_V4)(e)),
         }
     }
@@ -535,15 +653,27 @@ impl Maps {
         }
         let what = p.to_string();
         let Some(id) = self.alloc_net_id()? else {
-            return Err(MapsError::Full { name: m::MAP_NET_RULES_V4, max: self.capacity(m::MAP_NET24_V4)?, what });
+            return Err(MapsError::Full {
+                name: m::MAP_NET_RULES_V4,
+                max: self.capacity(m::MAP_NET24_V4)?,
+                what,
+            });
         };
-        let rule = NetRule { rule: RuleValue { expires_ns, hits: 0 }, prefix_len: key.prefix_len, addr: key.addr };
+        let rule = NetRule {
+            rule: RuleValue {
+                expires_ns,
+                hits: 0,
+            },
+            prefix_len: key.prefix_len,
+            addr: key.addr,
+        };
         self.set_net_rule(id, &rule)?;
         {
             let mut guard = self.map(m::MAP_NET_IDS_V4)?;
             let mut ids: HashMap<_, NetKeyV4, u32> =
                 HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
-            ids.insert(key, id, 0).map_err(op_err("insert", &what, m::MAP_NET_IDS_V4))?;
+            ids.insert(key, id, 0)
+                .map_err(op_err("insert", &what, m::MAP_NET_IDS_V4))?;
         }
         // Point every covered /24 at the new prefix unless a longer prefix already claims it.
         let mut lens: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
@@ -577,14 +707,18 @@ impl Maps {
         let mut net24: Array<_, u32> =
             Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
         for slot in writes {
-            net24.set(slot, id, 0).map_err(op_err("write", &what, m::MAP_NET24_V4))?;
+            net24
+                .set(slot, id, 0)
+                .map_err(op_err("write", &what, m::MAP_NET24_V4))?;
         }
         Ok(())
     }
 
     fn net24_remove(&self, p: &Prefix) -> Result<(), MapsError> {
         let key = Self::net_key(p);
-        let Some(id) = self.net_id(&key)? else { return Ok(()) };
+        let Some(id) = self.net_id(&key)? else {
+            return Ok(());
+        };
         let what = p.to_string();
         // The slots fall back to the longest shorter prefix that covers this one, if any.
         let mut fallback = 0;
@@ -600,8 +734,16 @@ impl Maps {
             let mut net24: Array<_, u32> =
                 Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
             for slot in Self::net24_range(p) {
-                if net24.get(&slot, 0).map_err(op_err("read", &what, m::MAP_NET24_V4))? == id {
-                    net24.set(slot, fallback, 0).map_err(op_err("write", &what, m::MAP_NET24_V4))?;
+                if net24
+                    .get(&slot, 0)
+                    .map_err(op_err("read", &what, m::MAP_NET24_V4))?
+                    == id
+                {
+                    net24.set(slot, fallback, 0).map_err(op_err(
+                        "write",
+                        &what,
+                        m::MAP_NET24_V4,
+                    ))?;
                 }
             }
         }
@@ -609,7 +751,8 @@ impl Maps {
             let mut guard = self.map(m::MAP_NET_IDS_V4)?;
             let mut ids: HashMap<_, NetKeyV4, u32> =
                 HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
-            ids.remove(&key).map_err(op_err("remove", &what, m::MAP_NET_IDS_V4))?;
+            ids.remove(&key)
+                .map_err(op_err("remove", &what, m::MAP_NET_IDS_V4))?;
         }
         self.set_net_rule(id, &NetRule::default())
     }
@@ -619,7 +762,11 @@ impl Maps {
             let mut guard = self.map(m::MAP_NET_IDS_V4)?;
             let ids: HashMap<_, NetKeyV4, u32> =
                 HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
-            ids.iter().collect::<Result<_, _>>().map_err(op_err("read", "ids", m::MAP_NET_IDS_V4))?
+            ids.iter().collect::<Result<_, _>>().map_err(op_err(
+                "read",
+                "ids",
+                m::MAP_NET_IDS_V4,
+            ))?
         };
         pairs
             .into_iter()
@@ -634,7 +781,16 @@ impl Maps {
     }
 }
 
-fn op_err(op: &'static str, what: impl ToString, name: &'static str) -> impl Fn(MapError) -> MapsError {
+fn op_err(
+    op: &'static str,
+    what: impl ToString,
+    name: &'static str,
+) -> impl Fn(MapError) -> MapsError {
     let what = what.to_string();
-    move |e| MapsError::Op { op, what: what.clone(), name, reason: e.to_string() }
+    move |e| MapsError::Op {
+        op,
+        what: what.clone(),
+        name,
+        reason: e.to_string(),
+    }
 }

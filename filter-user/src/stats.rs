@@ -33,12 +33,18 @@ pub fn ifname(ifindex: u32) -> String {
         return format!("ifindex {ifindex}");
     }
     // SAFETY: if_indextoname wrote a NUL-terminated name.
-    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Read every interface's counters (slot 0, unassigned interfaces, appears as `other`).
 pub fn snapshot(maps: &Maps) -> anyhow::Result<Snapshot> {
-    let mut slots: Vec<(String, u32)> = maps.slots()?.into_iter().map(|(i, s)| (ifname(i), s)).collect();
+    let mut slots: Vec<(String, u32)> = maps
+        .slots()?
+        .into_iter()
+        .map(|(i, s)| (ifname(i), s))
+        .collect();
     slots.push(("other".into(), 0));
     let mut out = Snapshot::new();
     for (name, slot) in slots {
@@ -46,7 +52,13 @@ pub fn snapshot(maps: &Maps) -> anyhow::Result<Snapshot> {
             if name == "other" && c.packets == 0 {
                 continue;
             }
-            out.insert((name.clone(), reason), Count { packets: c.packets, bytes: c.bytes });
+            out.insert(
+                (name.clone(), reason),
+                Count {
+                    packets: c.packets,
+                    bytes: c.bytes,
+                },
+            );
         }
     }
     Ok(out)
@@ -101,8 +113,14 @@ fn print(now: &Snapshot, prev: Option<&Snapshot>, elapsed: f64, json: bool) {
         .filter(|(_, c)| c.packets > 0)
         .map(|((iface, reason), c)| {
             let d = prev.map(|p| {
-                let before = p.get(&(iface.clone(), *reason)).copied().unwrap_or_default();
-                (c.packets.saturating_sub(before.packets), c.bytes.saturating_sub(before.bytes))
+                let before = p
+                    .get(&(iface.clone(), *reason))
+                    .copied()
+                    .unwrap_or_default();
+                (
+                    c.packets.saturating_sub(before.packets),
+                    c.bytes.saturating_sub(before.bytes),
+                )
             });
             Line {
                 ts: ts.clone(),
@@ -130,7 +148,9 @@ fn print(now: &Snapshot, prev: Option<&Snapshot>, elapsed: f64, json: bool) {
             r.reason.to_string(),
             r.packets.to_string(),
             r.bytes.to_string(),
-            r.pps.map(|v| format!("{v:.1}")).unwrap_or_else(|| "-".into()),
+            r.pps
+                .map(|v| format!("{v:.1}"))
+                .unwrap_or_else(|| "-".into()),
             r.bps.map(human_bits).unwrap_or_else(|| "-".into()),
         ]);
     }
@@ -155,7 +175,9 @@ fn human_bits(v: f64) -> String {
 /// Forward the XDP program's aya-log records (rare paths only) to this process's log.
 fn forward_kernel_log(pins: &PinDir) {
     let id = match crate::loader::pinned_program(pins).and_then(|p| {
-        p.info().map(|i| i.id()).map_err(|e| crate::loader::LoaderError::Load(e.to_string()))
+        p.info()
+            .map(|i| i.id())
+            .map_err(|e| crate::loader::LoaderError::Load(e.to_string()))
     }) {
         Ok(id) => id,
         Err(err) => {
@@ -173,7 +195,11 @@ fn forward_kernel_log(pins: &PinDir) {
     std::thread::spawn(move || {
         let fd = logger.as_raw_fd();
         loop {
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
             // SAFETY: one valid pollfd.
             unsafe { libc::poll(&mut pfd, 1, 1000) };
             logger.flush();

@@ -46,7 +46,10 @@ pub const OWNER_CLI: &str = "cli";
 
 /// Wall-clock milliseconds since the epoch.
 pub fn unix_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// One owner's claim on an entry.
@@ -168,22 +171,33 @@ impl Store {
     /// root reads or changes the filter's state.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
         use std::os::unix::fs::PermissionsExt as _;
-        let dir_err = |source| StoreError::Dir { path: dir.to_owned(), source };
+        let dir_err = |source| StoreError::Dir {
+            path: dir.to_owned(),
+            source,
+        };
         std::fs::create_dir_all(dir).map_err(dir_err)?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
         let path = dir.join("state.db");
-        let db = |source| StoreError::Db { path: path.clone(), source };
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&path).map_err(db)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(dir_err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(db)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db)?;
         conn.execute_batch(SCHEMA).map_err(db)?;
         Ok(Self { conn, path })
     }
 
     fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError::Db { path: self.path.clone(), source }
+        |source| StoreError::Db {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Run `f` in one write transaction (IMMEDIATE, so concurrent writers queue instead of failing).
@@ -192,12 +206,18 @@ impl Store {
         f: impl FnOnce(&mut Tx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
         let path = self.path.clone();
-        let db = |source| StoreError::Db { path: path.clone(), source };
+        let db = |source| StoreError::Db {
+            path: path.clone(),
+            source,
+        };
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(db)?;
-        let mut tx = Tx { tx, path: path.clone() };
+        let mut tx = Tx {
+            tx,
+            path: path.clone(),
+        };
         let out = f(&mut tx)?;
         tx.tx.commit().map_err(db)?;
         Ok(out)
@@ -233,10 +253,14 @@ impl Store {
             let prefix: Prefix = prefix.parse().map_err(|_| self.corrupt(&prefix))?;
             match out.last_mut() {
                 Some(e) if e.list == list && e.prefix == prefix => e.claims.push(claim),
-                _ => out.push(StoredEntry { list, prefix, claims: vec![claim] }),
+                _ => out.push(StoredEntry {
+                    list,
+                    prefix,
+                    claims: vec![claim],
+                }),
             }
         }
-        out.sort_by(|a, b| (a.list, a.prefix).cmp(&(b.list, b.prefix)));
+        out.sort_by_key(|e| (e.list, e.prefix));
         Ok(out)
     }
 
@@ -261,7 +285,9 @@ impl Store {
     pub fn settings(&self) -> Result<Settings, StoreError> {
         let v: Option<String> = self
             .conn
-            .query_row("SELECT value FROM settings WHERE key = 'kernel'", [], |r| r.get(0))
+            .query_row("SELECT value FROM settings WHERE key = 'kernel'", [], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(self.db())?;
         match v {
@@ -276,7 +302,9 @@ impl Store {
             .conn
             .prepare_cached("SELECT name, mode FROM interfaces ORDER BY name")
             .map_err(self.db())?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(self.db())?;
         rows.collect::<Result<_, _>>().map_err(self.db())
     }
 
@@ -291,14 +319,22 @@ impl Store {
             .map_err(self.db())?;
         let rows = stmt
             .query_map(params![limit as i64], |r| {
-                Ok(AuditRecord { at_ms: r.get(0)?, actor: r.get(1)?, action: r.get(2)?, detail: r.get(3)? })
+                Ok(AuditRecord {
+                    at_ms: r.get(0)?,
+                    actor: r.get(1)?,
+                    action: r.get(2)?,
+                    detail: r.get(3)?,
+                })
             })
             .map_err(self.db())?;
         rows.collect::<Result<_, _>>().map_err(self.db())
     }
 
     fn corrupt(&self, value: &str) -> StoreError {
-        StoreError::Corrupt { path: self.path.clone(), value: value.to_owned() }
+        StoreError::Corrupt {
+            path: self.path.clone(),
+            value: value.to_owned(),
+        }
     }
 }
 
@@ -318,7 +354,10 @@ pub struct Tx<'a> {
 
 impl Tx<'_> {
     fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError::Db { path: self.path.clone(), source }
+        |source| StoreError::Db {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Add or refresh `owner`'s claim on an entry; returns the entry's new effective expiry.
@@ -339,7 +378,14 @@ impl Tx<'_> {
                    comment = COALESCE(excluded.comment, entries.comment)",
             )
             .and_then(|mut s| {
-                s.execute(params![list.as_str(), prefix.to_string(), owner, expires_at_ms, comment, unix_ms()])
+                s.execute(params![
+                    list.as_str(),
+                    prefix.to_string(),
+                    owner,
+                    expires_at_ms,
+                    comment,
+                    unix_ms()
+                ])
             })
             .map_err(self.db())?;
         Ok(self.effective(list, prefix)?.flatten())
@@ -361,7 +407,12 @@ impl Tx<'_> {
     }
 
     /// Whether `owner` has a claim on the entry.
-    pub fn has_claim(&mut self, list: List, prefix: &Prefix, owner: &str) -> Result<bool, StoreError> {
+    pub fn has_claim(
+        &mut self,
+        list: List,
+        prefix: &Prefix,
+        owner: &str,
+    ) -> Result<bool, StoreError> {
         self.tx
             .prepare_cached("SELECT 1 FROM entries WHERE list = ?1 AND prefix = ?2 AND owner = ?3")
             .and_then(|mut s| s.exists(params![list.as_str(), prefix.to_string(), owner]))
@@ -369,7 +420,11 @@ impl Tx<'_> {
     }
 
     /// `None` when nobody owns the entry, else `Some(effective expiry)`.
-    pub fn effective(&mut self, list: List, prefix: &Prefix) -> Result<Option<Option<i64>>, StoreError> {
+    pub fn effective(
+        &mut self,
+        list: List,
+        prefix: &Prefix,
+    ) -> Result<Option<Option<i64>>, StoreError> {
         let mut stmt = self
             .tx
             .prepare_cached("SELECT expires_at FROM entries WHERE list = ?1 AND prefix = ?2")
@@ -410,7 +465,10 @@ impl Tx<'_> {
     /// Forget an interface (`None` = all).
     pub fn remove_interface(&mut self, name: Option<&str>) -> Result<(), StoreError> {
         self.tx
-            .execute("DELETE FROM interfaces WHERE ?1 IS NULL OR name = ?1", params![name])
+            .execute(
+                "DELETE FROM interfaces WHERE ?1 IS NULL OR name = ?1",
+                params![name],
+            )
             .map_err(self.db())?;
         Ok(())
     }
@@ -431,8 +489,14 @@ impl Tx<'_> {
             .map_err(self.db())?;
         let mut out = Vec::new();
         for (list, prefix) in rows {
-            let corrupt = || StoreError::Corrupt { path: self.path.clone(), value: format!("{list} {prefix}") };
-            let entry = (parse_list(&list).ok_or_else(corrupt)?, prefix.parse().map_err(|_| corrupt())?);
+            let corrupt = || StoreError::Corrupt {
+                path: self.path.clone(),
+                value: format!("{list} {prefix}"),
+            };
+            let entry = (
+                parse_list(&list).ok_or_else(corrupt)?,
+                prefix.parse().map_err(|_| corrupt())?,
+            );
             if !out.contains(&entry) {
                 out.push(entry);
             }
@@ -471,7 +535,8 @@ mod tests {
             pub fn new() -> Self {
                 static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
                 let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let p = std::env::temp_dir().join(format!("apifilter-store-{}-{n}", std::process::id()));
+                let p = std::env::temp_dir()
+                    .join(format!("apifilter-store-{}-{n}", std::process::id()));
                 let _ = std::fs::remove_dir_all(&p);
                 Self(p)
             }
@@ -491,7 +556,10 @@ mod tests {
         let (_d, mut s) = temp();
         let e = p("198.18.0.0/24");
         s.write(|tx| {
-            assert_eq!(tx.claim(List::Block, &e, "cli", Some(1_000), Some("x"))?, Some(1_000));
+            assert_eq!(
+                tx.claim(List::Block, &e, "cli", Some(1_000), Some("x"))?,
+                Some(1_000)
+            );
             // A permanent claim from another owner wins over the expiry.
             assert_eq!(tx.claim(List::Block, &e, "feed", None, None)?, None);
             assert_eq!(tx.release(List::Block, &e, "feed")?, Some(Some(1_000)));
@@ -509,14 +577,23 @@ mod tests {
             tx.claim(List::Block, &p("198.18.0.1"), "a", Some(5_000), None)?;
             tx.claim(List::Block, &p("198.18.0.1"), "b", Some(9_000), None)?;
             tx.claim(List::Block, &p("198.18.0.2"), "a", Some(2_000), None)?;
-            tx.claim(List::Allow, &p("198.18.1.0/24"), "cli", None, Some("office"))?;
+            tx.claim(
+                List::Allow,
+                &p("198.18.1.0/24"),
+                "cli",
+                None,
+                Some("office"),
+            )?;
             Ok::<_, StoreError>(())
         })
         .unwrap();
         let live = s.live(3_000).unwrap();
         assert_eq!(
             live,
-            vec![(List::Block, p("198.18.0.1"), Some(9_000)), (List::Allow, p("198.18.1.0/24"), None)]
+            vec![
+                (List::Block, p("198.18.0.1"), Some(9_000)),
+                (List::Allow, p("198.18.1.0/24"), None)
+            ]
         );
         let purged = s.write(|tx| tx.purge_expired(3_000)).unwrap();
         assert_eq!(purged, vec![(List::Block, p("198.18.0.2"))]);
@@ -529,7 +606,13 @@ mod tests {
         let (d, mut s) = temp();
         let want = Settings {
             monitor: true,
-            ratelimit: Some(RateLimit { pps: 10, burst: 5, ports: vec![443], v6_prefix: 64, syn_only: false }),
+            ratelimit: Some(RateLimit {
+                pps: 10,
+                burst: 5,
+                ports: vec![443],
+                v6_prefix: 64,
+                syn_only: false,
+            }),
         };
         s.write(|tx| {
             tx.set_settings(&want)?;
@@ -540,7 +623,10 @@ mod tests {
         let audit = s.audit(10).unwrap();
         assert_eq!(audit.len(), 1);
         assert_eq!(audit[0].action, "mode");
-        let mode = std::fs::metadata(d.path().join("state.db")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(d.path().join("state.db"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 }

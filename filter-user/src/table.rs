@@ -10,7 +10,9 @@ pub struct Table {
 impl Table {
     /// A table with these column titles.
     pub fn new<const N: usize>(header: [&str; N]) -> Self {
-        Self { rows: vec![header.iter().map(|s| s.to_string()).collect()] }
+        Self {
+            rows: vec![header.iter().map(|s| s.to_string()).collect()],
+        }
     }
 
     /// Append a row.
@@ -23,7 +25,14 @@ impl fmt::Display for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let cols = self.rows.iter().map(Vec::len).max().unwrap_or(0);
         let widths: Vec<usize> = (0..cols)
-            .map(|c| self.rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+            .map(|c| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(c))
+                    .map(|s| s.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
             .collect();
         for row in &self.rows {
             let mut line = String::new();
