@@ -13,6 +13,8 @@ pub mod atomic;
 
 pub mod decide;
 pub mod maps;
+#[cfg(any(test, feature = "model"))] pub mod model;
+#[cfg(test)] mod decide_tests;
 pub mod packet;
 
 pub use decide::{Reason, Tables, Verdict, decide, gcra, rule_active, verdict};

@@ -34,13 +34,16 @@ pub const MAP_BLOCK_NET_V6: &str = "BLOCK_NET_V6";
 pub const MAP_ALLOW_V4: &str = "ALLOW_V4";
 /// IPv6 allowlist, any prefix length: LPM trie → [`RuleValue`].
 pub const MAP_ALLOW_V6: &str = "ALLOW_V6";
-/// Token-bucket state per source: LRU hash [`RateKey`] → [`RateState`].
+/// Token-bucket state per IPv6 source prefix: LRU hash [`RateKey`] → [`RateState`].
 pub const MAP_RATELIMIT: &str = "RATELIMIT";
+/// Token-bucket state per IPv4 source: LRU hash address → [`RateState`]. A 4-byte key hashes and
+/// compares faster than the 16-byte one, and IPv4 is most of the traffic.
+pub const MAP_RATELIMIT_V4: &str = "RATELIMIT_V4";
 /// Destination ports in the rate limit's scope: array indexed by port, non-zero = in scope.
 pub const MAP_RL_PORTS: &str = "RL_PORTS";
 
 /// Every map the program declares, in the order the controller pins and reports them.
-pub const ALL_MAPS: [&str; 15] = [
+pub const ALL_MAPS: [&str; 16] = [
     MAP_CONFIG,
     MAP_COUNTERS,
     MAP_IFSLOT,
@@ -55,6 +58,7 @@ pub const ALL_MAPS: [&str; 15] = [
     MAP_ALLOW_V4,
     MAP_ALLOW_V6,
     MAP_RATELIMIT,
+    MAP_RATELIMIT_V4,
     MAP_RL_PORTS,
 ];
 
@@ -205,6 +209,18 @@ pub struct RateKey {
     pub addr: [u8; 16],
 }
 const _: () = assert!(size_of::<RateKey>() == 16);
+
+impl RateKey {
+    /// The IPv4 address of an IPv4-mapped key (`::ffff:a.b.c.d`).
+    #[inline(always)]
+    pub fn v4(&self) -> Option<[u8; 4]> {
+        let a = &self.addr;
+        let mapped = a[10] == 0xff
+            && a[11] == 0xff
+            && a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0;
+        mapped.then_some([a[12], a[13], a[14], a[15]])
+    }
+}
 
 /// Token-bucket state of one source as a GCRA "theoretical arrival time".
 #[repr(C)]

@@ -53,6 +53,9 @@ static ALLOW_V6: LpmTrie<[u8; 16], RuleValue> = LpmTrie::pinned(ALLOW_MAX, 0);
 #[map(name = "RATELIMIT")]
 static RATELIMIT: LruHashMap<RateKey, RateState> =
     LruHashMap::pinned(RATELIMIT_MAX, BPF_F_NO_COMMON_LRU);
+#[map(name = "RATELIMIT_V4")]
+static RATELIMIT_V4: LruHashMap<[u8; 4], RateState> =
+    LruHashMap::pinned(RATELIMIT_MAX, BPF_F_NO_COMMON_LRU);
 #[map(name = "RL_PORTS")]
 static RL_PORTS: Array<u8> = Array::pinned(RL_PORTS_LEN, 0);
 
@@ -152,13 +155,20 @@ impl Tables for Maps<'_> {
     }
     #[inline(always)]
     fn rate_state(&self, key: &RateKey) -> Option<*mut RateState> {
-        RATELIMIT.get_ptr_mut(key)
+        match key.v4() {
+            Some(v4) => RATELIMIT_V4.get_ptr_mut(v4),
+            None => RATELIMIT.get_ptr_mut(key),
+        }
     }
     #[inline(always)]
     fn rate_insert(&self, key: &RateKey, state: &RateState) {
         // -EEXIST means another CPU inserted first: fine. Anything else is worth a log line; it is
         // rare by construction (an LRU table evicts instead of filling up).
-        if let Err(err) = RATELIMIT.insert(key, state, u64::from(BPF_NOEXIST))
+        let res = match key.v4() {
+            Some(v4) => RATELIMIT_V4.insert(v4, state, u64::from(BPF_NOEXIST)),
+            None => RATELIMIT.insert(key, state, u64::from(BPF_NOEXIST)),
+        };
+        if let Err(err) = res
             && err != -17
         {
             warn!(self.ctx, "rate-limit state insert failed: {}", err);

@@ -819,7 +819,7 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
         fills.push(MapFill {
             name: m::MAP_RATELIMIT,
             entries: maps.rate_sources()?,
-            capacity: maps.capacity(m::MAP_RATELIMIT)?,
+            capacity: maps.capacity(m::MAP_RATELIMIT_V4)? + maps.capacity(m::MAP_RATELIMIT)?,
         });
     }
     let s = Status {

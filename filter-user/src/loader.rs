@@ -113,7 +113,7 @@ pub struct Capacities {
     /// IPv6 prefixes the blocklist holds.
     #[arg(long, default_value_t = m::BLOCK_NET_V6_MAX, value_name = "N")]
     pub max_v6_prefixes: u32,
-    /// Sources the rate limiter tracks (least recently seen are evicted).
+    /// Sources the rate limiter tracks, per address family (least recently seen are evicted).
     #[arg(long, default_value_t = m::RATELIMIT_MAX, value_name = "N")]
     pub max_sources: u32,
 }
@@ -215,6 +215,7 @@ pub fn ensure_loaded(pins: &PinDir, caps: &Capacities) -> Result<bool, LoaderErr
         .map_max_entries(m::MAP_NET_IDS_V4, caps.max_v4_prefixes)
         .map_max_entries(m::MAP_BLOCK_NET_V6, caps.max_v6_prefixes)
         .map_max_entries(m::MAP_RATELIMIT, caps.max_sources)
+        .map_max_entries(m::MAP_RATELIMIT_V4, caps.max_sources)
         .load(PROGRAM)
         .map_err(|e| LoaderError::Load(format!("{e:#}")))?;
     let prog: &mut Xdp = ebpf

@@ -375,13 +375,18 @@ impl Maps {
         })
     }
 
-    /// Sources the rate limiter currently tracks.
+    /// Sources the rate limiter currently tracks (IPv4 hosts plus IPv6 prefixes).
     pub fn rate_sources(&self) -> Result<usize, MapsError> {
+        let v4 = {
+            let mut guard = self.map(m::MAP_RATELIMIT_V4)?;
+            let h: HashMap<_, [u8; 4], filter_common::RateState> = HashMap::try_from(&mut *guard)
+                .map_err(op_err("open", "sources", m::MAP_RATELIMIT_V4))?;
+            h.keys().filter(Result::is_ok).count()
+        };
         let mut guard = self.map(m::MAP_RATELIMIT)?;
-        let map = &mut *guard;
         let h: HashMap<_, filter_common::RateKey, filter_common::RateState> =
-            HashMap::try_from(map).map_err(op_err("open", "sources", m::MAP_RATELIMIT))?;
-        Ok(h.keys().filter(Result::is_ok).count())
+            HashMap::try_from(&mut *guard).map_err(op_err("open", "sources", m::MAP_RATELIMIT))?;
+        Ok(v4 + h.keys().filter(Result::is_ok).count())
     }
 
     /// Number of entries in a rule table.
