@@ -126,18 +126,19 @@ pub trait Tables {
     fn now_coarse(&self) -> u64 {
         self.now()
     }
-    /// Allowlist, longest prefix containing `addr`.
-    fn allow_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue>;
-    /// Allowlist, longest prefix containing `addr`.
-    fn allow_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue>;
+    /// Allowlist: the longest prefix of at most `max_len` bits containing `addr`, and its length.
+    fn allow_v4(&self, addr: [u8; 4], max_len: u8) -> Option<(*mut RuleValue, u8)>;
+    /// Allowlist: the longest prefix of at most `max_len` bits containing `addr`, and its length.
+    fn allow_v6(&self, addr: &[u8; 16], max_len: u8) -> Option<(*mut RuleValue, u8)>;
     /// Blocklist, exact host.
     fn block_host_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue>;
     /// Blocklist, exact host.
     fn block_host_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue>;
-    /// Blocklist, longest prefix (across every table that holds IPv4 prefixes).
-    fn block_net_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue>;
-    /// Blocklist, longest prefix.
-    fn block_net_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue>;
+    /// Blocklist: the longest prefix of at most `max_len` bits containing `addr` (across every
+    /// table that holds IPv4 prefixes), and its length.
+    fn block_net_v4(&self, addr: [u8; 4], max_len: u8) -> Option<(*mut RuleValue, u8)>;
+    /// Blocklist: the longest prefix of at most `max_len` bits containing `addr`, and its length.
+    fn block_net_v6(&self, addr: &[u8; 16], max_len: u8) -> Option<(*mut RuleValue, u8)>;
     /// Destination port is in the rate limit's scope.
     fn port_in_scope(&self, port: u16) -> bool;
     /// Token-bucket state of a source.
@@ -165,20 +166,39 @@ fn hit<T: Tables>(t: &T, entry: Option<*mut RuleValue>) -> bool {
 /// The rate limiter's key for a packet's source.
 #[inline(always)]
 pub fn rate_key(cfg: &FilterConfig, meta: &PacketMeta) -> RateKey {
-    let mut addr = [0u8; 16];
     if meta.kind == PacketKind::V4 {
-        // IPv4-mapped IPv6 (::ffff:a.b.c.d), so v4 and v6 keys never collide.
-        addr[10] = 0xff;
-        addr[11] = 0xff;
-        addr[12..].copy_from_slice(&meta.src[..4]);
-    } else {
-        let mut i = 0;
-        while i < 16 {
-            addr[i] = meta.src[i] & cfg.rl_v6_mask[i];
-            i += 1;
-        }
+        return RateKey::V4(meta.src_v4());
     }
-    RateKey { addr }
+    let mut addr = [0u8; 16];
+    let mut i = 0;
+    while i < 16 {
+        addr[i] = meta.src[i] & cfg.rl_v6_mask[i];
+        i += 1;
+    }
+    RateKey::V6(addr)
+}
+
+/// Most expired prefixes one lookup steps over (each nested inside the next) before it gives up.
+pub const PREFIX_EXPIRED_MAX: usize = 4;
+
+/// A live prefix containing the source, counting a hit on it. An expired prefix counts as absent,
+/// so the search goes on among the shorter prefixes below it.
+#[inline(always)]
+fn hit_prefix<T: Tables>(t: &T, max_len: u8, lookup: impl Fn(u8) -> Option<(*mut RuleValue, u8)>) -> bool {
+    let mut max_len = max_len;
+    let mut step = 0;
+    while step < PREFIX_EXPIRED_MAX {
+        let Some((rule, len)) = lookup(max_len) else { return false };
+        if hit(t, Some(rule)) {
+            return true;
+        }
+        if len == 0 {
+            return false;
+        }
+        max_len = len - 1;
+        step += 1;
+    }
+    false
 }
 
 /// Whether the rate limit applies to this packet.
@@ -241,22 +261,22 @@ pub fn decide<T: Tables>(t: &T, cfg: &FilterConfig, meta: &PacketMeta) -> Reason
         PacketKind::Malformed => return Reason::DropMalformed,
         PacketKind::V4 => {
             let src = meta.src_v4();
-            if cfg.has(CFG_HAS_ALLOW_V4) && hit(t, t.allow_v4(src)) {
+            if cfg.has(CFG_HAS_ALLOW_V4) && hit_prefix(t, 32, |m| t.allow_v4(src, m)) {
                 return Reason::PassAllowlist;
             }
             if (cfg.has(CFG_HAS_BLOCK_V4) && hit(t, t.block_host_v4(src)))
-                || (cfg.flags & V4_NETS != 0 && hit(t, t.block_net_v4(src)))
+                || (cfg.flags & V4_NETS != 0 && hit_prefix(t, 32, |m| t.block_net_v4(src, m)))
             {
                 return Reason::DropBlocklist;
             }
         }
         PacketKind::V6 => {
             let src = &meta.src;
-            if cfg.has(CFG_HAS_ALLOW_V6) && hit(t, t.allow_v6(src)) {
+            if cfg.has(CFG_HAS_ALLOW_V6) && hit_prefix(t, 128, |m| t.allow_v6(src, m)) {
                 return Reason::PassAllowlist;
             }
             if (cfg.has(CFG_HAS_BLOCK_V6) && hit(t, t.block_host_v6(src)))
-                || (cfg.has(CFG_HAS_BLOCK_NET_V6) && hit(t, t.block_net_v6(src)))
+                || (cfg.has(CFG_HAS_BLOCK_NET_V6) && hit_prefix(t, 128, |m| t.block_net_v6(src, m)))
             {
                 return Reason::DropBlocklist;
             }

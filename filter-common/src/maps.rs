@@ -16,25 +16,25 @@ pub const MAP_IFSLOT: &str = "IFSLOT";
 pub const MAP_BLOCK_V4: &str = "BLOCK_V4";
 /// Exact IPv6 hosts: hash `[u8; 16]` → [`RuleValue`].
 pub const MAP_BLOCK_V6: &str = "BLOCK_V6";
-/// IPv4 prefixes /25 to /31: LPM trie → [`RuleValue`].
+/// IPv4 prefixes /25 to /31: LPM trie → [`PrefixRule`].
 pub const MAP_BLOCK_NET_V4: &str = "BLOCK_NET_V4";
-/// IPv4 prefixes /0 to /7: LPM trie → [`RuleValue`] (only with `--force` or feeds that allow it).
+/// IPv4 prefixes /0 to /7: LPM trie → [`PrefixRule`] (only with `--force` or feeds that allow it).
 pub const MAP_BLOCK_WIDE_V4: &str = "BLOCK_WIDE_V4";
 /// IPv4 prefixes /8 to /24, expanded DIR-24-8 style: array indexed by the address's top 24 bits
 /// giving the id (in `NET_RULES_V4`) of the longest such prefix covering it; 0 = none. One array
 /// lookup however many prefixes there are, where an LPM trie walks dozens of nodes.
 pub const MAP_NET24_V4: &str = "NET24_V4";
-/// Array of [`NetRule`] by id for the prefixes in `NET24_V4` (id 0 unused).
+/// Array of [`PrefixRule`] by id for the prefixes in `NET24_V4` (id 0 unused).
 pub const MAP_NET_RULES_V4: &str = "NET_RULES_V4";
 /// Hash [`NetKeyV4`] → id: which id each `NET24_V4` prefix has (controller bookkeeping).
 pub const MAP_NET_IDS_V4: &str = "NET_IDS_V4";
-/// IPv6 prefixes shorter than /128: LPM trie → [`RuleValue`].
+/// IPv6 prefixes shorter than /128: LPM trie → [`PrefixRule`].
 pub const MAP_BLOCK_NET_V6: &str = "BLOCK_NET_V6";
-/// IPv4 allowlist, any prefix length: LPM trie → [`RuleValue`].
+/// IPv4 allowlist, any prefix length: LPM trie → [`PrefixRule`].
 pub const MAP_ALLOW_V4: &str = "ALLOW_V4";
-/// IPv6 allowlist, any prefix length: LPM trie → [`RuleValue`].
+/// IPv6 allowlist, any prefix length: LPM trie → [`PrefixRule`].
 pub const MAP_ALLOW_V6: &str = "ALLOW_V6";
-/// Token-bucket state per IPv6 source prefix: LRU hash [`RateKey`] → [`RateState`].
+/// Token-bucket state per IPv6 source prefix: LRU hash masked address → [`RateState`].
 pub const MAP_RATELIMIT: &str = "RATELIMIT";
 /// Token-bucket state per IPv4 source: LRU hash address → [`RateState`]. A 4-byte key hashes and
 /// compares faster than the 16-byte one, and IPv4 is most of the traffic.
@@ -73,6 +73,8 @@ pub const BLOCK_NET_V4_MAX: u32 = 1 << 18;
 pub const BLOCK_WIDE_V4_MAX: u32 = 256;
 /// Entries of `NET24_V4`: one per /24.
 pub const NET24_LEN: u32 = 1 << 24;
+/// Longest `parent` chain in `NET_RULES_V4`: one prefix per length from /24 down to /8.
+pub const NET24_CHAIN_MAX: u32 = (NET24_MAX_LEN - NET24_MIN_LEN + 1) as u32;
 /// Shortest prefix held in `NET24_V4`.
 pub const NET24_MIN_LEN: u8 = 8;
 /// Longest prefix held in `NET24_V4`.
@@ -175,19 +177,21 @@ pub struct RuleValue {
 }
 const _: () = assert!(size_of::<RuleValue>() == 16);
 
-/// Value of `NET_RULES_V4`: a [`RuleValue`] (same layout at the start, so the kernel hands it out
-/// as one) plus the prefix it belongs to.
+/// Value of every LPM trie and of `NET_RULES_V4`: a [`RuleValue`] (first, so the kernel hands it
+/// out as one) and the length of the prefix it belongs to, so a lookup that lands on an expired
+/// prefix can go on looking below it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NetRule {
+pub struct PrefixRule {
     /// Expiry and hits.
     pub rule: RuleValue,
-    /// Prefix length (8..=24); 0 for a free id.
+    /// Prefix length; 0 for a free `NET_RULES_V4` id.
     pub prefix_len: u32,
-    /// Network address in network byte order.
-    pub addr: [u8; 4],
+    /// `NET_RULES_V4` only: id of the longest shorter /8–/24 prefix containing this one (0 =
+    /// none). From any slot, following `parent` visits every prefix covering it, longest first.
+    pub parent: u32,
 }
-const _: () = assert!(size_of::<NetRule>() == 24);
+const _: () = assert!(size_of::<PrefixRule>() == 24);
 
 /// Key of `NET_IDS_V4`.
 #[repr(C)]
@@ -200,26 +204,14 @@ pub struct NetKeyV4 {
 }
 const _: () = assert!(size_of::<NetKeyV4>() == 8);
 
-/// Key of the rate limiter: an IPv4 address as its IPv4-mapped IPv6 form, or an IPv6 address
-/// masked to `rl_v6_prefix`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RateKey {
-    /// 16 address bytes.
-    pub addr: [u8; 16],
-}
-const _: () = assert!(size_of::<RateKey>() == 16);
-
-impl RateKey {
-    /// The IPv4 address of an IPv4-mapped key (`::ffff:a.b.c.d`).
-    #[inline(always)]
-    pub fn v4(&self) -> Option<[u8; 4]> {
-        let a = &self.addr;
-        let mapped = a[10] == 0xff
-            && a[11] == 0xff
-            && a[0] | a[1] | a[2] | a[3] | a[4] | a[5] | a[6] | a[7] | a[8] | a[9] == 0;
-        mapped.then_some([a[12], a[13], a[14], a[15]])
-    }
+/// Key of the rate limiter: an IPv4 address, or an IPv6 address masked to `rl_v6_prefix`. The two
+/// families live in separate tables, so they never share a bucket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RateKey {
+    /// IPv4 source.
+    V4([u8; 4]),
+    /// IPv6 source prefix.
+    V6([u8; 16]),
 }
 
 /// Token-bucket state of one source as a GCRA "theoretical arrival time".
@@ -250,8 +242,7 @@ mod pod {
     // implicit padding (checked by the size assertions above), so any bit pattern is valid.
     unsafe impl aya::Pod for super::FilterConfig {}
     unsafe impl aya::Pod for super::RuleValue {}
-    unsafe impl aya::Pod for super::RateKey {}
-    unsafe impl aya::Pod for super::NetRule {}
+    unsafe impl aya::Pod for super::PrefixRule {}
     unsafe impl aya::Pod for super::NetKeyV4 {}
     unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::Counter {}

@@ -77,11 +77,12 @@ impl<const N: usize> Lpm<N> {
         }
     }
 
-    fn lookup(&self, addr: [u8; N]) -> Option<*mut RuleValue> {
+    /// The longest prefix of at most `max_len` bits containing `addr`, and its length.
+    fn lookup(&self, addr: [u8; N], max_len: u8) -> Option<(*mut RuleValue, u8)> {
         let entries = self.entries.borrow();
-        (0..=N * 8)
+        (0..=usize::from(max_len).min(N * 8))
             .rev()
-            .find_map(|len| entries.get(&(len, masked(addr, len))).map(|v| v.get()))
+            .find_map(|len| entries.get(&(len, masked(addr, len))).map(|v| (v.get(), len as u8)))
     }
 
     fn upsert(&self, addr: [u8; N], len: usize, expires_ns: u64) {
@@ -407,11 +408,11 @@ impl Tables for Model {
             tick => now - now % tick,
         }
     }
-    fn allow_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue> {
-        self.allow_v4.lookup(addr)
+    fn allow_v4(&self, addr: [u8; 4], max_len: u8) -> Option<(*mut RuleValue, u8)> {
+        self.allow_v4.lookup(addr, max_len)
     }
-    fn allow_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue> {
-        self.allow_v6.lookup(*addr)
+    fn allow_v6(&self, addr: &[u8; 16], max_len: u8) -> Option<(*mut RuleValue, u8)> {
+        self.allow_v6.lookup(*addr, max_len)
     }
     fn block_host_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue> {
         self.block_v4.lookup(addr)
@@ -419,11 +420,11 @@ impl Tables for Model {
     fn block_host_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue> {
         self.block_v6.lookup(*addr)
     }
-    fn block_net_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue> {
-        self.block_net_v4.lookup(addr)
+    fn block_net_v4(&self, addr: [u8; 4], max_len: u8) -> Option<(*mut RuleValue, u8)> {
+        self.block_net_v4.lookup(addr, max_len)
     }
-    fn block_net_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue> {
-        self.block_net_v6.lookup(*addr)
+    fn block_net_v6(&self, addr: &[u8; 16], max_len: u8) -> Option<(*mut RuleValue, u8)> {
+        self.block_net_v6.lookup(*addr, max_len)
     }
     fn port_in_scope(&self, port: u16) -> bool {
         self.ports.borrow().contains(&port)

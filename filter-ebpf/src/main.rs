@@ -32,26 +32,25 @@ static BLOCK_V4: HashMap<[u8; 4], RuleValue> = HashMap::pinned(BLOCK_V4_MAX, 0);
 #[map(name = "BLOCK_V6")]
 static BLOCK_V6: HashMap<[u8; 16], RuleValue> = HashMap::pinned(BLOCK_V6_MAX, 0);
 #[map(name = "BLOCK_NET_V4")]
-static BLOCK_NET_V4: LpmTrie<[u8; 4], RuleValue> = LpmTrie::pinned(BLOCK_NET_V4_MAX, 0);
+static BLOCK_NET_V4: LpmTrie<[u8; 4], PrefixRule> = LpmTrie::pinned(BLOCK_NET_V4_MAX, 0);
 #[map(name = "BLOCK_WIDE_V4")]
-static BLOCK_WIDE_V4: LpmTrie<[u8; 4], RuleValue> = LpmTrie::pinned(BLOCK_WIDE_V4_MAX, 0);
+static BLOCK_WIDE_V4: LpmTrie<[u8; 4], PrefixRule> = LpmTrie::pinned(BLOCK_WIDE_V4_MAX, 0);
 #[map(name = "NET24_V4")]
 static NET24_V4: Array<u32> = Array::pinned(NET24_LEN, 0);
 #[map(name = "NET_RULES_V4")]
-static NET_RULES_V4: Array<NetRule> = Array::pinned(BLOCK_NET_V4_MAX, 0);
+static NET_RULES_V4: Array<PrefixRule> = Array::pinned(BLOCK_NET_V4_MAX, 0);
 /// Controller bookkeeping only; declared here so it is created and pinned with the rest.
 #[map(name = "NET_IDS_V4")]
-#[expect(dead_code, reason = "the program never reads it")]
 static NET_IDS_V4: HashMap<NetKeyV4, u32> = HashMap::pinned(BLOCK_NET_V4_MAX, 0);
 #[map(name = "BLOCK_NET_V6")]
-static BLOCK_NET_V6: LpmTrie<[u8; 16], RuleValue> = LpmTrie::pinned(BLOCK_NET_V6_MAX, 0);
+static BLOCK_NET_V6: LpmTrie<[u8; 16], PrefixRule> = LpmTrie::pinned(BLOCK_NET_V6_MAX, 0);
 #[map(name = "ALLOW_V4")]
-static ALLOW_V4: LpmTrie<[u8; 4], RuleValue> = LpmTrie::pinned(ALLOW_MAX, 0);
+static ALLOW_V4: LpmTrie<[u8; 4], PrefixRule> = LpmTrie::pinned(ALLOW_MAX, 0);
 #[map(name = "ALLOW_V6")]
-static ALLOW_V6: LpmTrie<[u8; 16], RuleValue> = LpmTrie::pinned(ALLOW_MAX, 0);
+static ALLOW_V6: LpmTrie<[u8; 16], PrefixRule> = LpmTrie::pinned(ALLOW_MAX, 0);
 /// Per-CPU LRU lists: eviction never takes a lock shared between CPUs.
 #[map(name = "RATELIMIT")]
-static RATELIMIT: LruHashMap<RateKey, RateState> =
+static RATELIMIT: LruHashMap<[u8; 16], RateState> =
     LruHashMap::pinned(RATELIMIT_MAX, BPF_F_NO_COMMON_LRU);
 #[map(name = "RATELIMIT_V4")]
 static RATELIMIT_V4: LruHashMap<[u8; 4], RateState> =
@@ -108,12 +107,12 @@ impl Tables for Maps<'_> {
         unsafe { bpf_ktime_get_coarse_ns() }
     }
     #[inline(always)]
-    fn allow_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue> {
-        ALLOW_V4.get(Key::new(32, addr)).map(|v| v as *const _ as *mut _)
+    fn allow_v4(&self, addr: [u8; 4], max_len: u8) -> Option<(*mut RuleValue, u8)> {
+        trie(ALLOW_V4.get(Key::new(u32::from(max_len), addr)))
     }
     #[inline(always)]
-    fn allow_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue> {
-        ALLOW_V6.get(Key::new(128, *addr)).map(|v| v as *const _ as *mut _)
+    fn allow_v6(&self, addr: &[u8; 16], max_len: u8) -> Option<(*mut RuleValue, u8)> {
+        trie(ALLOW_V6.get(Key::new(u32::from(max_len), *addr)))
     }
     #[inline(always)]
     fn block_host_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue> {
@@ -123,31 +122,30 @@ impl Tables for Maps<'_> {
     fn block_host_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue> {
         BLOCK_V6.get_ptr_mut(addr)
     }
-    /// Longest prefix first: /25–/31 trie, then the /8–/24 array, then the /0–/7 trie.
+    /// Longest prefix first: the /25–/31 trie, then the /8–/24 array, then the /0–/7 trie.
     #[inline(always)]
-    fn block_net_v4(&self, addr: [u8; 4]) -> Option<*mut RuleValue> {
-        if self.cfg.has(CFG_HAS_BLOCK_NET_V4)
-            && let Some(v) = BLOCK_NET_V4.get(Key::new(32, addr))
+    fn block_net_v4(&self, addr: [u8; 4], max_len: u8) -> Option<(*mut RuleValue, u8)> {
+        if max_len > NET24_MAX_LEN
+            && self.cfg.has(CFG_HAS_BLOCK_NET_V4)
+            && let Some(found) = trie(BLOCK_NET_V4.get(Key::new(u32::from(max_len), addr)))
         {
-            return Some(v as *const _ as *mut _);
+            return Some(found);
         }
-        if self.cfg.has(CFG_HAS_NET24_V4) {
-            let slot = u32::from(addr[0]) << 16 | u32::from(addr[1]) << 8 | u32::from(addr[2]);
-            if let Some(&id) = NET24_V4.get(slot)
-                && id != 0
-            {
-                // NetRule starts with a RuleValue (repr(C)).
-                return NET_RULES_V4.get_ptr_mut(id).map(|r| r as *mut RuleValue);
-            }
+        if max_len >= NET24_MIN_LEN
+            && self.cfg.has(CFG_HAS_NET24_V4)
+            && let Some(found) = net24(addr, max_len)
+        {
+            return Some(found);
         }
         if self.cfg.has(CFG_HAS_BLOCK_WIDE_V4) {
-            return BLOCK_WIDE_V4.get(Key::new(32, addr)).map(|v| v as *const _ as *mut _);
+            let max = if max_len < NET24_MIN_LEN { max_len } else { NET24_MIN_LEN - 1 };
+            return trie(BLOCK_WIDE_V4.get(Key::new(u32::from(max), addr)));
         }
         None
     }
     #[inline(always)]
-    fn block_net_v6(&self, addr: &[u8; 16]) -> Option<*mut RuleValue> {
-        BLOCK_NET_V6.get(Key::new(128, *addr)).map(|v| v as *const _ as *mut _)
+    fn block_net_v6(&self, addr: &[u8; 16], max_len: u8) -> Option<(*mut RuleValue, u8)> {
+        trie(BLOCK_NET_V6.get(Key::new(u32::from(max_len), *addr)))
     }
     #[inline(always)]
     fn port_in_scope(&self, port: u16) -> bool {
@@ -155,25 +153,51 @@ impl Tables for Maps<'_> {
     }
     #[inline(always)]
     fn rate_state(&self, key: &RateKey) -> Option<*mut RateState> {
-        match key.v4() {
-            Some(v4) => RATELIMIT_V4.get_ptr_mut(v4),
-            None => RATELIMIT.get_ptr_mut(key),
+        match key {
+            RateKey::V4(a) => RATELIMIT_V4.get_ptr_mut(a),
+            RateKey::V6(a) => RATELIMIT.get_ptr_mut(a),
         }
     }
     #[inline(always)]
     fn rate_insert(&self, key: &RateKey, state: &RateState) {
+        let res = match key {
+            RateKey::V4(a) => RATELIMIT_V4.insert(a, state, u64::from(BPF_NOEXIST)),
+            RateKey::V6(a) => RATELIMIT.insert(a, state, u64::from(BPF_NOEXIST)),
+        };
         // -EEXIST means another CPU inserted first: fine. Anything else is worth a log line; it is
         // rare by construction (an LRU table evicts instead of filling up).
-        let res = match key.v4() {
-            Some(v4) => RATELIMIT_V4.insert(v4, state, u64::from(BPF_NOEXIST)),
-            None => RATELIMIT.insert(key, state, u64::from(BPF_NOEXIST)),
-        };
         if let Err(err) = res
             && err != -17
         {
             warn!(self.ctx, "rate-limit state insert failed: {}", err);
         }
     }
+}
+
+/// A trie match as (rule, prefix length). `PrefixRule` starts with its `RuleValue` (repr(C)).
+#[inline(always)]
+fn trie(found: Option<&PrefixRule>) -> Option<(*mut RuleValue, u8)> {
+    found.map(|v| (v as *const PrefixRule as *mut RuleValue, v.prefix_len as u8))
+}
+
+/// The longest /8–/24 prefix of at most `max_len` bits containing `addr`: the array slot names
+/// the longest one, and its `parent` chain the shorter ones.
+#[inline(always)]
+fn net24(addr: [u8; 4], max_len: u8) -> Option<(*mut RuleValue, u8)> {
+    let slot = u32::from(addr[0]) << 16 | u32::from(addr[1]) << 8 | u32::from(addr[2]);
+    let mut id = *NET24_V4.get(slot)?;
+    let mut step = 0;
+    while step < NET24_CHAIN_MAX && id != 0 {
+        let rule = NET_RULES_V4.get_ptr_mut(id)?;
+        // SAFETY: pointer to a live array value.
+        let (len, parent) = unsafe { ((*rule).prefix_len, (*rule).parent) };
+        if len <= u32::from(max_len) {
+            return Some((rule as *mut RuleValue, len as u8));
+        }
+        id = parent;
+        step += 1;
+    }
+    None
 }
 
 /// Pointer to a `T` at `off` bytes into the packet, if the whole `T` is inside it. Every packet

@@ -263,7 +263,8 @@ fn apply_settings(maps: &Maps, s: &Settings) -> anyhow::Result<()> {
             if !rl.ports.is_empty() {
                 c.flags |= m::CFG_RL_PORTS;
             }
-            let interval = (1_000_000_000 / rl.pps).max(1);
+            // Round up: the configured rate is a ceiling.
+            let interval = 1_000_000_000u64.div_ceil(rl.pps).max(1);
             c.rl_interval_ns = interval;
             c.rl_tolerance_ns = interval
                 .saturating_mul(rl.burst.saturating_sub(1))

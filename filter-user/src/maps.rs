@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use aya::maps::{
     Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
 };
-use filter_common::{Counter, FilterConfig, NetKeyV4, NetRule, Reason, RuleValue, maps as m};
+use filter_common::{Counter, FilterConfig, NetKeyV4, PrefixRule, Reason, RuleValue, maps as m};
 
 use crate::{cidr::Prefix, loader::PinDir};
 
@@ -269,17 +269,17 @@ impl Maps {
                 h.insert(k, RuleValue { expires_ns, hits }, 0)
             }
         } else if prefix.is_v4() {
-            let mut t: LpmTrie<_, [u8; 4], RuleValue> =
+            let mut t: LpmTrie<_, [u8; 4], PrefixRule> =
                 LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
             let k = Key::new(u32::from(prefix.len()), v4(prefix.addr()));
-            let hits = t.get(&k, 0).map(|v| v.hits).unwrap_or(0);
-            t.insert(&k, RuleValue { expires_ns, hits }, 0)
+            let hits = t.get(&k, 0).map(|v| v.rule.hits).unwrap_or(0);
+            t.insert(&k, prefix_rule(prefix, expires_ns, hits), 0)
         } else {
-            let mut t: LpmTrie<_, [u8; 16], RuleValue> =
+            let mut t: LpmTrie<_, [u8; 16], PrefixRule> =
                 LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
             let k = Key::new(u32::from(prefix.len()), v6(prefix.addr()));
-            let hits = t.get(&k, 0).map(|v| v.hits).unwrap_or(0);
-            t.insert(&k, RuleValue { expires_ns, hits }, 0)
+            let hits = t.get(&k, 0).map(|v| v.rule.hits).unwrap_or(0);
+            t.insert(&k, prefix_rule(prefix, expires_ns, hits), 0)
         };
         match res {
             Ok(()) => Ok(()),
@@ -316,11 +316,11 @@ impl Maps {
                 h.remove(&v6(prefix.addr()))
             }
         } else if prefix.is_v4() {
-            let mut t: LpmTrie<_, [u8; 4], RuleValue> =
+            let mut t: LpmTrie<_, [u8; 4], PrefixRule> =
                 LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
             t.remove(&Key::new(u32::from(prefix.len()), v4(prefix.addr())))
         } else {
-            let mut t: LpmTrie<_, [u8; 16], RuleValue> =
+            let mut t: LpmTrie<_, [u8; 16], PrefixRule> =
                 LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
             t.remove(&Key::new(u32::from(prefix.len()), v6(prefix.addr())))
         };
@@ -361,13 +361,13 @@ impl Maps {
                 .next()
                 .is_none(),
             m::MAP_BLOCK_NET_V4 | m::MAP_BLOCK_WIDE_V4 | m::MAP_ALLOW_V4 => {
-                LpmTrie::<_, [u8; 4], RuleValue>::try_from(map)
+                LpmTrie::<_, [u8; 4], PrefixRule>::try_from(map)
                     .map_err(e)?
                     .keys()
                     .next()
                     .is_none()
             }
-            _ => LpmTrie::<_, [u8; 16], RuleValue>::try_from(map)
+            _ => LpmTrie::<_, [u8; 16], PrefixRule>::try_from(map)
                 .map_err(e)?
                 .keys()
                 .next()
@@ -384,7 +384,7 @@ impl Maps {
             h.keys().filter(Result::is_ok).count()
         };
         let mut guard = self.map(m::MAP_RATELIMIT)?;
-        let h: HashMap<_, filter_common::RateKey, filter_common::RateState> =
+        let h: HashMap<_, [u8; 16], filter_common::RateState> =
             HashMap::try_from(&mut *guard).map_err(op_err("open", "sources", m::MAP_RATELIMIT))?;
         Ok(v4 + h.keys().filter(Result::is_ok).count())
     }
@@ -431,7 +431,7 @@ impl Maps {
                 }
             }
             m::MAP_BLOCK_NET_V4 | m::MAP_BLOCK_WIDE_V4 | m::MAP_ALLOW_V4 => {
-                let t: LpmTrie<_, [u8; 4], RuleValue> = LpmTrie::try_from(map).map_err(e)?;
+                let t: LpmTrie<_, [u8; 4], PrefixRule> = LpmTrie::try_from(map).map_err(e)?;
                 for kv in t.iter() {
                     let (k, value) = kv.map_err(e)?;
                     let prefix =
@@ -439,12 +439,12 @@ impl Maps {
                     out.push(KernelEntry {
                         list,
                         prefix,
-                        value,
+                        value: value.rule,
                     });
                 }
             }
             _ => {
-                let t: LpmTrie<_, [u8; 16], RuleValue> = LpmTrie::try_from(map).map_err(e)?;
+                let t: LpmTrie<_, [u8; 16], PrefixRule> = LpmTrie::try_from(map).map_err(e)?;
                 for kv in t.iter() {
                     let (k, value) = kv.map_err(e)?;
                     let prefix =
@@ -452,7 +452,7 @@ impl Maps {
                     out.push(KernelEntry {
                         list,
                         prefix,
-                        value,
+                        value: value.rule,
                     });
                 }
             }
@@ -583,10 +583,12 @@ impl Maps {
 }
 
 /// The /8–/24 IPv4 prefixes, DIR-24-8 style: `NET24_V4[top 24 bits]` holds the id of the longest
-/// such prefix covering that /24, `NET_RULES_V4[id]` its expiry and hits, `NET_IDS_V4` the id of
-/// each prefix. Writes are ordered so a lookup never sees a hole: a new rule is complete before a
-/// slot points at it, and a removed prefix's slots point at the next-shorter prefix before the
-/// rule goes. `NET_RULES_V4[0].prefix_len` stores the highest id ever handed out.
+/// such prefix covering that /24, `NET_RULES_V4[id]` its expiry, hits, length and `parent` (the
+/// next shorter prefix containing it), `NET_IDS_V4` the id of each prefix. From any slot the
+/// `parent` chain visits every covering prefix, longest first, which is how the kernel steps over
+/// an expired one. Writes are ordered so a lookup never sees a hole: a new rule is complete before
+/// anything points at it, and a removed prefix is unlinked everywhere before its id is freed.
+/// `NET_RULES_V4[0].prefix_len` stores the highest id ever handed out.
 impl Maps {
     fn net_key(p: &Prefix) -> NetKeyV4 {
         NetKeyV4 {
@@ -602,18 +604,18 @@ impl Maps {
         first..first + (1u32 << (24 - u32::from(p.len())))
     }
 
-    fn net_rule(&self, id: u32) -> Result<NetRule, MapsError> {
+    fn net_rule(&self, id: u32) -> Result<PrefixRule, MapsError> {
         let mut guard = self.map(m::MAP_NET_RULES_V4)?;
-        let rules: Array<_, NetRule> =
+        let rules: Array<_, PrefixRule> =
             Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
         rules
             .get(&id, 0)
             .map_err(op_err("read", id.to_string(), m::MAP_NET_RULES_V4))
     }
 
-    fn set_net_rule(&self, id: u32, rule: &NetRule) -> Result<(), MapsError> {
+    fn set_net_rule(&self, id: u32, rule: &PrefixRule) -> Result<(), MapsError> {
         let mut guard = self.map(m::MAP_NET_RULES_V4)?;
-        let mut rules: Array<_, NetRule> =
+        let mut rules: Array<_, PrefixRule> =
             Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
         rules
             .set(id, rule, 0)
@@ -644,7 +646,7 @@ impl Maps {
             return Ok(Some(head.prefix_len));
         }
         let mut guard = self.map(m::MAP_NET_RULES_V4)?;
-        let rules: Array<_, NetRule> =
+        let rules: Array<_, PrefixRule> =
             Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
         Ok((1..cap).find(|id| rules.get(id, 0).is_ok_and(|r| r.prefix_len == 0)))
     }
@@ -657,6 +659,7 @@ impl Maps {
             return self.set_net_rule(id, &rule);
         }
         let what = p.to_string();
+        let len = key.prefix_len;
         let Some(id) = self.alloc_net_id()? else {
             return Err(MapsError::Full {
                 name: m::MAP_NET_RULES_V4,
@@ -664,57 +667,37 @@ impl Maps {
                 what,
             });
         };
-        let rule = NetRule {
-            rule: RuleValue {
-                expires_ns,
-                hits: 0,
-            },
-            prefix_len: key.prefix_len,
-            addr: key.addr,
-        };
-        self.set_net_rule(id, &rule)?;
-        {
-            let mut guard = self.map(m::MAP_NET_IDS_V4)?;
-            let mut ids: HashMap<_, NetKeyV4, u32> =
-                HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
-            ids.insert(key, id, 0)
-                .map_err(op_err("insert", &what, m::MAP_NET_IDS_V4))?;
+        let mut chain = Chain::new(self);
+        let range = Self::net24_range(p);
+        // The parent is the first prefix shorter than this one on any covered slot's chain.
+        let mut parent = self.net24_slot(range.start)?;
+        while parent != 0 && chain.rule(parent)?.prefix_len >= len {
+            parent = chain.rule(parent)?.parent;
         }
-        // Point every covered /24 at the new prefix unless a longer prefix already claims it.
-        let mut lens: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
-        let slots: Vec<(u32, u32)> = {
-            let mut guard = self.map(m::MAP_NET24_V4)?;
-            let net24: Array<_, u32> =
-                Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
-            Self::net24_range(p)
-                .map(|slot| net24.get(&slot, 0).map(|cur| (slot, cur)))
-                .collect::<Result<_, _>>()
-                .map_err(op_err("read", &what, m::MAP_NET24_V4))?
-        };
-        let mut writes = Vec::new();
-        for (slot, cur) in slots {
-            let cur_len = match cur {
-                0 => 0,
-                cur => match lens.get(&cur) {
-                    Some(l) => *l,
-                    None => {
-                        let l = self.net_rule(cur)?.prefix_len;
-                        lens.insert(cur, l);
-                        l
-                    }
-                },
-            };
-            if cur_len < key.prefix_len {
-                writes.push(slot);
+        // Complete before anything points at it.
+        chain.set(id, PrefixRule { parent, ..prefix_rule(p, expires_ns, 0) })?;
+        self.net_ids_insert(key, id, &what)?;
+        for slot in range {
+            let cur = self.net24_slot(slot)?;
+            if cur == 0 || chain.rule(cur)?.prefix_len < len {
+                self.set_net24_slot(slot, id)?;
+                continue;
             }
-        }
-        let mut guard = self.map(m::MAP_NET24_V4)?;
-        let mut net24: Array<_, u32> =
-            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
-        for slot in writes {
-            net24
-                .set(slot, id, 0)
-                .map_err(op_err("write", &what, m::MAP_NET24_V4))?;
+            // A longer prefix holds the slot: splice this one into its chain, just above the
+            // first link shorter than this prefix.
+            let mut prev = cur;
+            loop {
+                let up = chain.rule(prev)?.parent;
+                if up == 0 || up == id || chain.rule(up)?.prefix_len < len {
+                    break;
+                }
+                prev = up;
+            }
+            if chain.rule(prev)?.parent != id {
+                let mut r = chain.rule(prev)?;
+                r.parent = id;
+                chain.set(prev, r)?;
+            }
         }
         Ok(())
     }
@@ -725,31 +708,28 @@ impl Maps {
             return Ok(());
         };
         let what = p.to_string();
-        // The slots fall back to the longest shorter prefix that covers this one, if any.
-        let mut fallback = 0;
-        for len in (m::NET24_MIN_LEN..p.len()).rev() {
-            let wider = Prefix::new_truncating(p.addr(), len);
-            if let Some(w) = self.net_id(&Self::net_key(&wider))? {
-                fallback = w;
-                break;
+        let mut chain = Chain::new(self);
+        let parent = chain.rule(id)?.parent;
+        // Slots and chains skip over the prefix before it goes.
+        for slot in Self::net24_range(p) {
+            let cur = self.net24_slot(slot)?;
+            if cur == id {
+                self.set_net24_slot(slot, parent)?;
+                continue;
             }
-        }
-        {
-            let mut guard = self.map(m::MAP_NET24_V4)?;
-            let mut net24: Array<_, u32> =
-                Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
-            for slot in Self::net24_range(p) {
-                if net24
-                    .get(&slot, 0)
-                    .map_err(op_err("read", &what, m::MAP_NET24_V4))?
-                    == id
-                {
-                    net24.set(slot, fallback, 0).map_err(op_err(
-                        "write",
-                        &what,
-                        m::MAP_NET24_V4,
-                    ))?;
+            let mut prev = cur;
+            while prev != 0 {
+                let up = chain.rule(prev)?.parent;
+                if up == id {
+                    let mut r = chain.rule(prev)?;
+                    r.parent = parent;
+                    chain.set(prev, r)?;
+                    break;
                 }
+                if up == 0 || chain.rule(up)?.prefix_len < key.prefix_len {
+                    break;
+                }
+                prev = up;
             }
         }
         {
@@ -759,7 +739,29 @@ impl Maps {
             ids.remove(&key)
                 .map_err(op_err("remove", &what, m::MAP_NET_IDS_V4))?;
         }
-        self.set_net_rule(id, &NetRule::default())
+        // A free id reads as an expired, zero-length rule, should a lookup still hold it.
+        chain.set(id, FREE_RULE)
+    }
+
+    fn net24_slot(&self, slot: u32) -> Result<u32, MapsError> {
+        let mut guard = self.map(m::MAP_NET24_V4)?;
+        let net24: Array<_, u32> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
+        net24.get(&slot, 0).map_err(op_err("read", slot.to_string(), m::MAP_NET24_V4))
+    }
+
+    fn set_net24_slot(&self, slot: u32, id: u32) -> Result<(), MapsError> {
+        let mut guard = self.map(m::MAP_NET24_V4)?;
+        let mut net24: Array<_, u32> =
+            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
+        net24.set(slot, id, 0).map_err(op_err("write", slot.to_string(), m::MAP_NET24_V4))
+    }
+
+    fn net_ids_insert(&self, key: NetKeyV4, id: u32, what: &str) -> Result<(), MapsError> {
+        let mut guard = self.map(m::MAP_NET_IDS_V4)?;
+        let mut ids: HashMap<_, NetKeyV4, u32> =
+            HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
+        ids.insert(key, id, 0).map_err(op_err("insert", what, m::MAP_NET_IDS_V4))
     }
 
     fn net24_entries(&self) -> Result<Vec<KernelEntry>, MapsError> {
@@ -784,6 +786,41 @@ impl Maps {
             })
             .collect()
     }
+}
+
+/// What a free `NET_RULES_V4` id holds: expired long ago, length 0, no parent.
+const FREE_RULE: PrefixRule = PrefixRule { rule: RuleValue { expires_ns: 1, hits: 0 }, prefix_len: 0, parent: 0 };
+
+/// `NET_RULES_V4` values read once per command and written through.
+struct Chain<'a> {
+    maps: &'a Maps,
+    seen: std::collections::HashMap<u32, PrefixRule>,
+}
+
+impl<'a> Chain<'a> {
+    fn new(maps: &'a Maps) -> Self {
+        Self { maps, seen: std::collections::HashMap::new() }
+    }
+
+    fn rule(&mut self, id: u32) -> Result<PrefixRule, MapsError> {
+        if let Some(r) = self.seen.get(&id) {
+            return Ok(*r);
+        }
+        let r = self.maps.net_rule(id)?;
+        self.seen.insert(id, r);
+        Ok(r)
+    }
+
+    fn set(&mut self, id: u32, rule: PrefixRule) -> Result<(), MapsError> {
+        self.maps.set_net_rule(id, &rule)?;
+        self.seen.insert(id, rule);
+        Ok(())
+    }
+}
+
+/// A trie or `NET_RULES_V4` value for `p`.
+fn prefix_rule(p: &Prefix, expires_ns: u64, hits: u64) -> PrefixRule {
+    PrefixRule { rule: RuleValue { expires_ns, hits }, prefix_len: u32::from(p.len()), parent: 0 }
 }
 
 fn op_err(
