@@ -264,9 +264,4 @@ af ratelimit off
 af detach --all
 send_from "$BAD" 50
 
-# --- TLS proxy (arrives with the proxy) ---
-heading "13. TLS inspection proxy"
-say "The L7 part (TLS termination, authentication, attack detection, auto-ban into the kernel" \
-    "blocklist) is not in this build yet; this section shows it once the proxy arrives."
-
 heading "Done"

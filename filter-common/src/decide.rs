@@ -178,7 +178,8 @@ pub fn rate_key(cfg: &FilterConfig, meta: &PacketMeta) -> RateKey {
     RateKey::V6(addr)
 }
 
-/// Most expired prefixes one lookup steps over (each nested inside the next) before it gives up.
+/// Most lookups one prefix search makes: it steps over up to `PREFIX_EXPIRED_MAX - 1` expired
+/// prefixes (each nested inside the next) and then gives up.
 pub const PREFIX_EXPIRED_MAX: usize = 4;
 
 /// A live prefix containing the source, counting a hit on it. An expired prefix counts as absent,
