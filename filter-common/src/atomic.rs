@@ -11,12 +11,15 @@ pub unsafe fn add(ptr: *mut u64, v: u64) {
     #[cfg(target_arch = "bpf")]
     // SAFETY: forwarded from the caller.
     unsafe {
-        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(ptr, v);
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            ptr, v,
+        );
     }
     #[cfg(not(target_arch = "bpf"))]
     // SAFETY: forwarded from the caller.
     unsafe {
-        core::sync::atomic::AtomicU64::from_ptr(ptr).fetch_add(v, core::sync::atomic::Ordering::Relaxed);
+        core::sync::atomic::AtomicU64::from_ptr(ptr)
+            .fetch_add(v, core::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -30,7 +33,9 @@ pub unsafe fn cas(ptr: *mut u64, current: u64, new: u64) -> Result<u64, u64> {
     {
         use core::intrinsics::AtomicOrdering::Relaxed;
         // SAFETY: forwarded from the caller.
-        let (prev, ok) = unsafe { core::intrinsics::atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(ptr, current, new) };
+        let (prev, ok) = unsafe {
+            core::intrinsics::atomic_cxchg::<u64, { Relaxed }, { Relaxed }>(ptr, current, new)
+        };
         if ok { Ok(prev) } else { Err(prev) }
     }
     #[cfg(not(target_arch = "bpf"))]

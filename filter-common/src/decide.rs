@@ -74,7 +74,10 @@ impl Reason {
 
     /// True for the reasons whose packets were dropped.
     pub const fn is_drop(self) -> bool {
-        matches!(self, Reason::DropMalformed | Reason::DropBlocklist | Reason::DropRatelimit)
+        matches!(
+            self,
+            Reason::DropMalformed | Reason::DropBlocklist | Reason::DropRatelimit
+        )
     }
 }
 
@@ -111,7 +114,11 @@ pub const fn rule_active(expires_ns: u64, now: u64) -> bool {
 #[inline(always)]
 pub const fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
     let base = if tat > now { tat } else { now };
-    if base - now > tolerance { None } else { Some(base + interval) }
+    if base - now > tolerance {
+        None
+    } else {
+        Some(base + interval)
+    }
 }
 
 /// Map lookups the decision needs. Pointers point into map values that stay valid for the
@@ -185,11 +192,17 @@ pub const PREFIX_EXPIRED_MAX: usize = 4;
 /// A live prefix containing the source, counting a hit on it. An expired prefix counts as absent,
 /// so the search goes on among the shorter prefixes below it.
 #[inline(always)]
-fn hit_prefix<T: Tables>(t: &T, max_len: u8, lookup: impl Fn(u8) -> Option<(*mut RuleValue, u8)>) -> bool {
+fn hit_prefix<T: Tables>(
+    t: &T,
+    max_len: u8,
+    lookup: impl Fn(u8) -> Option<(*mut RuleValue, u8)>,
+) -> bool {
     let mut max_len = max_len;
     let mut step = 0;
     while step < PREFIX_EXPIRED_MAX {
-        let Some((rule, len)) = lookup(max_len) else { return false };
+        let Some((rule, len)) = lookup(max_len) else {
+            return false;
+        };
         if hit(t, Some(rule)) {
             return true;
         }
@@ -230,7 +243,13 @@ pub fn rate_admit<T: Tables>(t: &T, cfg: &FilterConfig, key: &RateKey) -> bool {
     let interval = cfg.rl_interval_ns;
     let tolerance = cfg.rl_tolerance_ns;
     let Some(state) = t.rate_state(key) else {
-        t.rate_insert(key, &RateState { tat_ns: now + interval, dropped: 0 });
+        t.rate_insert(
+            key,
+            &RateState {
+                tat_ns: now + interval,
+                dropped: 0,
+            },
+        );
         return true;
     };
     // SAFETY: pointer to a live map value; both fields are aligned u64s touched only atomically.
@@ -239,7 +258,9 @@ pub fn rate_admit<T: Tables>(t: &T, cfg: &FilterConfig, key: &RateKey) -> bool {
         let mut current = atomic::load(tat);
         let mut attempt = 0;
         while attempt < RL_CAS_RETRIES {
-            let Some(next) = gcra(current, now, interval, tolerance) else { break };
+            let Some(next) = gcra(current, now, interval, tolerance) else {
+                break;
+            };
             match atomic::cas(tat, current, next) {
                 Ok(_) => return true,
                 Err(actual) => current = actual,

@@ -7,14 +7,19 @@
 //! trait with BPF maps, the host tests with plain collections, and both run the same code.
 #![no_std]
 #![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
-#![cfg_attr(target_arch = "bpf", expect(internal_features, reason = "BPF atomics need the intrinsics"))]
+#![cfg_attr(
+    target_arch = "bpf",
+    expect(internal_features, reason = "BPF atomics need the intrinsics")
+)]
 
 pub mod atomic;
 
 pub mod decide;
+#[cfg(test)]
+mod decide_tests;
 pub mod maps;
-#[cfg(any(test, feature = "model"))] pub mod model;
-#[cfg(test)] mod decide_tests;
+#[cfg(any(test, feature = "model"))]
+pub mod model;
 pub mod packet;
 
 pub use decide::{Reason, Tables, Verdict, decide, gcra, rule_active, verdict};

@@ -80,9 +80,11 @@ impl<const N: usize> Lpm<N> {
     /// The longest prefix of at most `max_len` bits containing `addr`, and its length.
     fn lookup(&self, addr: [u8; N], max_len: u8) -> Option<(*mut RuleValue, u8)> {
         let entries = self.entries.borrow();
-        (0..=usize::from(max_len).min(N * 8))
-            .rev()
-            .find_map(|len| entries.get(&(len, masked(addr, len))).map(|v| (v.get(), len as u8)))
+        (0..=usize::from(max_len).min(N * 8)).rev().find_map(|len| {
+            entries
+                .get(&(len, masked(addr, len)))
+                .map(|v| (v.get(), len as u8))
+        })
     }
 
     fn upsert(&self, addr: [u8; N], len: usize, expires_ns: u64) {

@@ -93,7 +93,14 @@ pub struct PacketMeta {
 impl PacketMeta {
     /// A frame of `kind` with no addresses, for the early exits.
     pub const fn bare(kind: PacketKind, len: u32) -> Self {
-        Self { kind, l4: L4_UNRESOLVED, tcp_syn: false, dst_port: 0, src: [0; 16], len }
+        Self {
+            kind,
+            l4: L4_UNRESOLVED,
+            tcp_syn: false,
+            dst_port: 0,
+            src: [0; 16],
+            len,
+        }
     }
 
     /// IPv4 source address bytes.
@@ -196,7 +203,10 @@ fn parse_v6(ip: &[u8], len: u32, need_l4: bool) -> PacketMeta {
         off += ext_len;
     }
     // Chain longer than the bound: the transport stays unresolved, unless it starts right here.
-    if !matches!(next, proto::HOPOPTS | proto::ROUTING | proto::DSTOPTS | proto::FRAGMENT | proto::AH) {
+    if !matches!(
+        next,
+        proto::HOPOPTS | proto::ROUTING | proto::DSTOPTS | proto::FRAGMENT | proto::AH
+    ) {
         l4(&mut meta, next, &ip[off.min(ip.len())..]);
     }
     meta

@@ -15,8 +15,8 @@ use filter_common::{
     decide::{Tables, XDP_PASS, decide, needs_l4, verdict},
     maps::*,
     packet::{
-        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_EXT_MAX, IPV6_HLEN,
-        L4_OTHER, L4_TCP, L4_UDP, PacketKind, PacketMeta, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
+        ETH_HLEN, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, IPV4_HLEN, IPV6_EXT_MAX,
+        IPV6_HLEN, L4_OTHER, L4_TCP, L4_UDP, PacketKind, PacketMeta, TCP_HLEN, UDP_HLEN, VLAN_HLEN,
         VLAN_MAX_DEPTH, proto,
     },
 };
@@ -138,7 +138,11 @@ impl Tables for Maps<'_> {
             return Some(found);
         }
         if self.cfg.has(CFG_HAS_BLOCK_WIDE_V4) {
-            let max = if max_len < NET24_MIN_LEN { max_len } else { NET24_MIN_LEN - 1 };
+            let max = if max_len < NET24_MIN_LEN {
+                max_len
+            } else {
+                NET24_MIN_LEN - 1
+            };
             return trie(BLOCK_WIDE_V4.get(Key::new(u32::from(max), addr)));
         }
         None
@@ -217,7 +221,6 @@ fn be16(ctx: &XdpContext, off: usize) -> Option<u16> {
     // SAFETY: ptr_at checked the bounds; packet memory may be unaligned, so read bytes.
     ptr_at::<[u8; 2]>(ctx, off).map(|p| u16::from_be_bytes(unsafe { *p }))
 }
-
 
 /// Mirror of [`PacketMeta::parse`] over packet memory.
 #[inline(always)]

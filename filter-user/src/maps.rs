@@ -377,12 +377,15 @@ impl Maps {
 
     /// Sources the rate limiter currently tracks (IPv4 hosts plus IPv6 prefixes).
     pub fn rate_sources(&self) -> Result<usize, MapsError> {
-        let v4 = {
-            let mut guard = self.map(m::MAP_RATELIMIT_V4)?;
-            let h: HashMap<_, [u8; 4], filter_common::RateState> = HashMap::try_from(&mut *guard)
+        let v4 =
+            {
+                let mut guard = self.map(m::MAP_RATELIMIT_V4)?;
+                let h: HashMap<_, [u8; 4], filter_common::RateState> = HashMap::try_from(
+                    &mut *guard,
+                )
                 .map_err(op_err("open", "sources", m::MAP_RATELIMIT_V4))?;
-            h.keys().filter(Result::is_ok).count()
-        };
+                h.keys().filter(Result::is_ok).count()
+            };
         let mut guard = self.map(m::MAP_RATELIMIT)?;
         let h: HashMap<_, [u8; 16], filter_common::RateState> =
             HashMap::try_from(&mut *guard).map_err(op_err("open", "sources", m::MAP_RATELIMIT))?;
@@ -675,7 +678,13 @@ impl Maps {
             parent = chain.rule(parent)?.parent;
         }
         // Complete before anything points at it.
-        chain.set(id, PrefixRule { parent, ..prefix_rule(p, expires_ns, 0) })?;
+        chain.set(
+            id,
+            PrefixRule {
+                parent,
+                ..prefix_rule(p, expires_ns, 0)
+            },
+        )?;
         self.net_ids_insert(key, id, &what)?;
         for slot in range {
             let cur = self.net24_slot(slot)?;
@@ -747,21 +756,26 @@ impl Maps {
         let mut guard = self.map(m::MAP_NET24_V4)?;
         let net24: Array<_, u32> =
             Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
-        net24.get(&slot, 0).map_err(op_err("read", slot.to_string(), m::MAP_NET24_V4))
+        net24
+            .get(&slot, 0)
+            .map_err(op_err("read", slot.to_string(), m::MAP_NET24_V4))
     }
 
     fn set_net24_slot(&self, slot: u32, id: u32) -> Result<(), MapsError> {
         let mut guard = self.map(m::MAP_NET24_V4)?;
         let mut net24: Array<_, u32> =
             Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
-        net24.set(slot, id, 0).map_err(op_err("write", slot.to_string(), m::MAP_NET24_V4))
+        net24
+            .set(slot, id, 0)
+            .map_err(op_err("write", slot.to_string(), m::MAP_NET24_V4))
     }
 
     fn net_ids_insert(&self, key: NetKeyV4, id: u32, what: &str) -> Result<(), MapsError> {
         let mut guard = self.map(m::MAP_NET_IDS_V4)?;
         let mut ids: HashMap<_, NetKeyV4, u32> =
             HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
-        ids.insert(key, id, 0).map_err(op_err("insert", what, m::MAP_NET_IDS_V4))
+        ids.insert(key, id, 0)
+            .map_err(op_err("insert", what, m::MAP_NET_IDS_V4))
     }
 
     fn net24_entries(&self) -> Result<Vec<KernelEntry>, MapsError> {
@@ -789,7 +803,14 @@ impl Maps {
 }
 
 /// What a free `NET_RULES_V4` id holds: expired long ago, length 0, no parent.
-const FREE_RULE: PrefixRule = PrefixRule { rule: RuleValue { expires_ns: 1, hits: 0 }, prefix_len: 0, parent: 0 };
+const FREE_RULE: PrefixRule = PrefixRule {
+    rule: RuleValue {
+        expires_ns: 1,
+        hits: 0,
+    },
+    prefix_len: 0,
+    parent: 0,
+};
 
 /// `NET_RULES_V4` values read once per command and written through.
 struct Chain<'a> {
@@ -799,7 +820,10 @@ struct Chain<'a> {
 
 impl<'a> Chain<'a> {
     fn new(maps: &'a Maps) -> Self {
-        Self { maps, seen: std::collections::HashMap::new() }
+        Self {
+            maps,
+            seen: std::collections::HashMap::new(),
+        }
     }
 
     fn rule(&mut self, id: u32) -> Result<PrefixRule, MapsError> {
@@ -820,7 +844,11 @@ impl<'a> Chain<'a> {
 
 /// A trie or `NET_RULES_V4` value for `p`.
 fn prefix_rule(p: &Prefix, expires_ns: u64, hits: u64) -> PrefixRule {
-    PrefixRule { rule: RuleValue { expires_ns, hits }, prefix_len: u32::from(p.len()), parent: 0 }
+    PrefixRule {
+        rule: RuleValue { expires_ns, hits },
+        prefix_len: u32::from(p.len()),
+        parent: 0,
+    }
 }
 
 fn op_err(

@@ -15,7 +15,10 @@ use std::path::PathBuf;
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
-    assert_eq!(uid, 0, "these integration tests need root (they load XDP programs and create network namespaces); run `cargo xtask test` as root");
+    assert_eq!(
+        uid, 0,
+        "these integration tests need root (they load XDP programs and create network namespaces); run `cargo xtask test` as root"
+    );
 }
 
 /// The `apifilter` binary under test (`APIFILTER_BIN`, set by `cargo xtask test`), falling back to
@@ -31,7 +34,9 @@ pub fn apifilter_bin() -> PathBuf {
             return p;
         }
     }
-    panic!("apifilter binary not found: build it (cargo build -p filter-user --release) or set APIFILTER_BIN");
+    panic!(
+        "apifilter binary not found: build it (cargo build -p filter-user --release) or set APIFILTER_BIN"
+    );
 }
 
 /// A pin dir and state dir unique to one test, removed (with everything pinned) on drop.
@@ -59,8 +64,10 @@ impl Instance {
     fn cleanup(&self) {
         if self.pin_dir.exists() {
             let _ = std::process::Command::new(apifilter_bin())
-                .args(["--pin-dir"]).arg(&self.pin_dir)
-                .args(["--state-dir"]).arg(&self.state_dir)
+                .args(["--pin-dir"])
+                .arg(&self.pin_dir)
+                .args(["--state-dir"])
+                .arg(&self.state_dir)
                 .args(["detach", "--all"])
                 .output();
             let _ = std::fs::remove_dir_all(&self.pin_dir);
@@ -71,7 +78,9 @@ impl Instance {
     /// An `apifilter` command with this instance's dirs.
     pub fn cmd(&self) -> std::process::Command {
         let mut c = std::process::Command::new(apifilter_bin());
-        c.env("APIFILTER_PIN_DIR", &self.pin_dir).env("APIFILTER_STATE_DIR", &self.state_dir).env("NO_COLOR", "1");
+        c.env("APIFILTER_PIN_DIR", &self.pin_dir)
+            .env("APIFILTER_STATE_DIR", &self.state_dir)
+            .env("NO_COLOR", "1");
         c
     }
 
@@ -111,10 +120,16 @@ impl Drop for Instance {
 /// Mount bpffs at /sys/fs/bpf if it is not mounted.
 pub fn ensure_bpffs() {
     let mounted = std::fs::read_to_string("/proc/self/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+        })
         .unwrap_or(false);
     if !mounted {
-        let st = std::process::Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]).status().expect("mount");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .status()
+            .expect("mount");
         assert!(st.success(), "mounting bpffs at /sys/fs/bpf failed");
     }
 }

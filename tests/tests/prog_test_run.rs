@@ -1344,7 +1344,15 @@ fn nested_prefixes_churn_kernel_matches_model() -> anyhow::Result<()> {
     for cidr in std::mem::take(&mut present) {
         fx.unrule(List::Block, &cidr)?;
     }
-    assert!(fx.maps.entries()?.is_empty(), "entries left: {:?}", fx.maps.entries()?);
-    assert_eq!(fx.maps.config()?.flags & (CFG_HAS_NET24_V4 | CFG_HAS_BLOCK_NET_V4 | CFG_HAS_BLOCK_WIDE_V4 | CFG_HAS_BLOCK_V4), 0);
+    assert!(
+        fx.maps.entries()?.is_empty(),
+        "entries left: {:?}",
+        fx.maps.entries()?
+    );
+    assert_eq!(
+        fx.maps.config()?.flags
+            & (CFG_HAS_NET24_V4 | CFG_HAS_BLOCK_NET_V4 | CFG_HAS_BLOCK_WIDE_V4 | CFG_HAS_BLOCK_V4),
+        0
+    );
     Ok(())
 }
