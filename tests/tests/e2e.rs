@@ -962,3 +962,37 @@ fn full_map_rejects_the_whole_command() {
     assert_eq!(map_fill(&fx.status(), "BLOCK_V4"), 4);
     fx.assert_blocked(v4(1, 2));
 }
+
+/// `attach --mode auto` on an interface without native XDP (loopback) falls back to skb mode, says
+/// so on stderr, and records the mode it got; `--mode native` there fails and attaches nothing.
+#[test]
+fn auto_mode_falls_back_to_skb_with_a_warning() {
+    let inst = Instance::new("auto");
+    let ns = Netns::new("afa");
+    ns.ip(&["link", "set", "lo", "up"]);
+    let out = af_output(&ns, &inst, &["attach", "lo", "--mode", "native"]);
+    assert!(!out.status.success(), "native XDP on loopback should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lo"), "error names the interface: {err}");
+    assert_eq!(
+        status(&ns, &inst)["interfaces"],
+        Value::Array(vec![]),
+        "nothing attached"
+    );
+
+    let out = af_output(&ns, &inst, &["attach", "lo"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("falling back to skb"),
+        "warning on stderr: {err}"
+    );
+    let st = status(&ns, &inst);
+    assert_eq!(st["interfaces"][0]["name"], "lo", "{st}");
+    assert_eq!(st["interfaces"][0]["mode"], "skb", "{st}");
+    af_ok(&ns, &inst, &["detach", "--all"]);
+}

@@ -1356,3 +1356,76 @@ fn nested_prefixes_churn_kernel_matches_model() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Pin the calling thread to one CPU.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pin to CPU {cpu}"
+        );
+    }
+}
+
+/// Two CPUs hammering one source at once spend each token once: with no refill, exactly `burst`
+/// packets pass (plus at most one per CPU for the source's very first packet, admitted by each CPU
+/// that sees it before the state is inserted). Lost updates on the shared state would let more
+/// through.
+#[test]
+fn two_cpus_share_one_bucket_honestly() -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism()?.get();
+    assert!(cpus >= 2, "needs at least 2 CPUs, found {cpus}");
+    let fx = fixture("cas")?;
+    const BURST: u64 = 20_000;
+    const PER_CPU: u32 = 400_000;
+    fx.rate_limit(BURST, 0, &[])?;
+    let frame = frame("198.18.7.7").udp(1234, 80).build();
+    let before = fx.counters()?;
+    let barrier = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        for cpu in 0..2 {
+            let (frame, barrier, pin_dir) = (&frame, &barrier, &fx.inst.pin_dir);
+            s.spawn(move || {
+                pin_to_cpu(cpu);
+                let prog = pinned_program(&PinDir::new(pin_dir)).expect("program");
+                barrier.wait();
+                let r = prog
+                    .test_run(TestRunOptions {
+                        data_in: Some(frame),
+                        repeat: PER_CPU,
+                        ..Default::default()
+                    })
+                    .expect("test_run");
+                assert_eq!(
+                    r.return_value, XDP_DROP,
+                    "the last packets are over the limit"
+                );
+            });
+        }
+    });
+    let after = fx.counters()?;
+    let delta = |reason: Reason| {
+        let get = |v: &[(Reason, Counter)]| {
+            v.iter()
+                .find(|(r, _)| *r == reason)
+                .map(|(_, c)| c.packets)
+                .unwrap_or(0)
+        };
+        get(&after) - get(&before)
+    };
+    let (passed, dropped) = (delta(Reason::Pass), delta(Reason::DropRatelimit));
+    assert_eq!(
+        passed + dropped,
+        2 * u64::from(PER_CPU),
+        "every packet counted once"
+    );
+    assert!(
+        (BURST..=BURST + 2).contains(&passed),
+        "{passed} passed for a burst of {BURST} with no refill ({dropped} dropped)"
+    );
+    Ok(())
+}
