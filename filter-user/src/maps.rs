@@ -179,6 +179,28 @@ impl Maps {
         }))
     }
 
+    /// One value of an array map.
+    fn array_get<V: aya::Pod>(&self, name: &'static str, index: u32) -> Result<V, MapsError> {
+        let mut guard = self.map(name)?;
+        let arr: Array<_, V> = Array::try_from(&mut *guard).map_err(op_err("open", name, name))?;
+        arr.get(&index, 0)
+            .map_err(op_err("read", index.to_string(), name))
+    }
+
+    /// Replace one value of an array map.
+    fn array_set<V: aya::Pod>(
+        &self,
+        name: &'static str,
+        index: u32,
+        value: &V,
+    ) -> Result<(), MapsError> {
+        let mut guard = self.map(name)?;
+        let mut arr: Array<_, V> =
+            Array::try_from(&mut *guard).map_err(op_err("open", name, name))?;
+        arr.set(index, value, 0)
+            .map_err(op_err("write", index.to_string(), name))
+    }
+
     /// Capacity of a map.
     pub fn capacity(&self, name: &'static str) -> Result<u32, MapsError> {
         if name == m::MAP_NET24_V4 {
@@ -194,20 +216,12 @@ impl Maps {
 
     /// The program's configuration.
     pub fn config(&self) -> Result<FilterConfig, MapsError> {
-        let mut guard = self.map(m::MAP_CONFIG)?;
-        let arr: Array<_, FilterConfig> =
-            Array::try_from(&mut *guard).map_err(op_err("open", "config", m::MAP_CONFIG))?;
-        arr.get(&0, 0)
-            .map_err(op_err("read", "config", m::MAP_CONFIG))
+        self.array_get(m::MAP_CONFIG, 0)
     }
 
     /// Replace the program's configuration.
     pub fn set_config(&self, cfg: &FilterConfig) -> Result<(), MapsError> {
-        let mut guard = self.map(m::MAP_CONFIG)?;
-        let mut arr: Array<_, FilterConfig> =
-            Array::try_from(&mut *guard).map_err(op_err("open", "config", m::MAP_CONFIG))?;
-        arr.set(0, cfg, 0)
-            .map_err(op_err("write", "config", m::MAP_CONFIG))
+        self.array_set(m::MAP_CONFIG, 0, cfg)
     }
 
     /// Change some configuration bits, keeping the rest.
@@ -434,31 +448,9 @@ impl Maps {
                 }
             }
             m::MAP_BLOCK_NET_V4 | m::MAP_BLOCK_WIDE_V4 | m::MAP_ALLOW_V4 => {
-                let t: LpmTrie<_, [u8; 4], PrefixRule> = LpmTrie::try_from(map).map_err(e)?;
-                for kv in t.iter() {
-                    let (k, value) = kv.map_err(e)?;
-                    let prefix =
-                        Prefix::new_truncating(IpAddr::from(k.data()), k.prefix_len() as u8);
-                    out.push(KernelEntry {
-                        list,
-                        prefix,
-                        value: value.rule,
-                    });
-                }
+                out = trie_entries::<[u8; 4]>(map, list, table)?;
             }
-            _ => {
-                let t: LpmTrie<_, [u8; 16], PrefixRule> = LpmTrie::try_from(map).map_err(e)?;
-                for kv in t.iter() {
-                    let (k, value) = kv.map_err(e)?;
-                    let prefix =
-                        Prefix::new_truncating(IpAddr::from(k.data()), k.prefix_len() as u8);
-                    out.push(KernelEntry {
-                        list,
-                        prefix,
-                        value: value.rule,
-                    });
-                }
-            }
+            _ => out = trie_entries::<[u8; 16]>(map, list, table)?,
         }
         Ok(out)
     }
@@ -608,21 +600,11 @@ impl Maps {
     }
 
     fn net_rule(&self, id: u32) -> Result<PrefixRule, MapsError> {
-        let mut guard = self.map(m::MAP_NET_RULES_V4)?;
-        let rules: Array<_, PrefixRule> =
-            Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
-        rules
-            .get(&id, 0)
-            .map_err(op_err("read", id.to_string(), m::MAP_NET_RULES_V4))
+        self.array_get(m::MAP_NET_RULES_V4, id)
     }
 
     fn set_net_rule(&self, id: u32, rule: &PrefixRule) -> Result<(), MapsError> {
-        let mut guard = self.map(m::MAP_NET_RULES_V4)?;
-        let mut rules: Array<_, PrefixRule> =
-            Array::try_from(&mut *guard).map_err(op_err("open", "rules", m::MAP_NET_RULES_V4))?;
-        rules
-            .set(id, rule, 0)
-            .map_err(op_err("write", id.to_string(), m::MAP_NET_RULES_V4))
+        self.array_set(m::MAP_NET_RULES_V4, id, rule)
     }
 
     fn net_id(&self, key: &NetKeyV4) -> Result<Option<u32>, MapsError> {
@@ -753,21 +735,11 @@ impl Maps {
     }
 
     fn net24_slot(&self, slot: u32) -> Result<u32, MapsError> {
-        let mut guard = self.map(m::MAP_NET24_V4)?;
-        let net24: Array<_, u32> =
-            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
-        net24
-            .get(&slot, 0)
-            .map_err(op_err("read", slot.to_string(), m::MAP_NET24_V4))
+        self.array_get(m::MAP_NET24_V4, slot)
     }
 
     fn set_net24_slot(&self, slot: u32, id: u32) -> Result<(), MapsError> {
-        let mut guard = self.map(m::MAP_NET24_V4)?;
-        let mut net24: Array<_, u32> =
-            Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_NET24_V4))?;
-        net24
-            .set(slot, id, 0)
-            .map_err(op_err("write", slot.to_string(), m::MAP_NET24_V4))
+        self.array_set(m::MAP_NET24_V4, slot, &id)
     }
 
     fn net_ids_insert(&self, key: NetKeyV4, id: u32, what: &str) -> Result<(), MapsError> {
@@ -800,6 +772,30 @@ impl Maps {
             })
             .collect()
     }
+}
+
+/// Every prefix of an LPM trie, with its rule.
+fn trie_entries<K: aya::Pod>(
+    map: &mut Map,
+    list: List,
+    table: &'static str,
+) -> Result<Vec<KernelEntry>, MapsError>
+where
+    IpAddr: From<K>,
+{
+    let e = |err| op_err("read", "entries", table)(err);
+    let t: LpmTrie<_, K, PrefixRule> = LpmTrie::try_from(map).map_err(e)?;
+    t.iter()
+        .map(|kv| {
+            let (k, value) = kv.map_err(e)?;
+            let prefix = Prefix::new_truncating(IpAddr::from(k.data()), k.prefix_len() as u8);
+            Ok(KernelEntry {
+                list,
+                prefix,
+                value: value.rule,
+            })
+        })
+        .collect()
 }
 
 /// What a free `NET_RULES_V4` id holds: expired long ago, length 0, no parent.
