@@ -71,8 +71,9 @@ pub const BLOCK_V6_MAX: u32 = 1 << 18;
 pub const BLOCK_NET_V4_MAX: u32 = 1 << 18;
 /// Capacity of the /0–/7 trie: at most 255 such prefixes exist.
 pub const BLOCK_WIDE_V4_MAX: u32 = 256;
-/// Entries of `NET24_V4`: one per /24.
-pub const NET24_LEN: u32 = 1 << 24;
+/// Entries of `NET24_V4`: each holds the ids of two neighbouring /24s (`[u32; 2]`), since the
+/// kernel rounds array values up to 8 bytes: 64 MiB for the whole IPv4 space instead of 128.
+pub const NET24_LEN: u32 = 1 << 23;
 /// Longest `parent` chain in `NET_RULES_V4`: one prefix per length from /24 down to /8.
 pub const NET24_CHAIN_MAX: u32 = (NET24_MAX_LEN - NET24_MIN_LEN + 1) as u32;
 /// Shortest prefix held in `NET24_V4`.

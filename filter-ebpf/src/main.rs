@@ -36,7 +36,7 @@ static BLOCK_NET_V4: LpmTrie<[u8; 4], PrefixRule> = LpmTrie::pinned(BLOCK_NET_V4
 #[map(name = "BLOCK_WIDE_V4")]
 static BLOCK_WIDE_V4: LpmTrie<[u8; 4], PrefixRule> = LpmTrie::pinned(BLOCK_WIDE_V4_MAX, 0);
 #[map(name = "NET24_V4")]
-static NET24_V4: Array<u32> = Array::pinned(NET24_LEN, 0);
+static NET24_V4: Array<[u32; 2]> = Array::pinned(NET24_LEN, 0);
 #[map(name = "NET_RULES_V4")]
 static NET_RULES_V4: Array<PrefixRule> = Array::pinned(BLOCK_NET_V4_MAX, 0);
 /// Controller bookkeeping only; declared here so it is created and pinned with the rest.
@@ -189,7 +189,7 @@ fn trie(found: Option<&PrefixRule>) -> Option<(*mut RuleValue, u8)> {
 #[inline(always)]
 fn net24(addr: [u8; 4], max_len: u8) -> Option<(*mut RuleValue, u8)> {
     let slot = u32::from(addr[0]) << 16 | u32::from(addr[1]) << 8 | u32::from(addr[2]);
-    let mut id = *NET24_V4.get(slot)?;
+    let mut id = NET24_V4.get(slot >> 1)?[(slot & 1) as usize];
     let mut step = 0;
     while step < NET24_CHAIN_MAX && id != 0 {
         let rule = NET_RULES_V4.get_ptr_mut(id)?;

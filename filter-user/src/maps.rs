@@ -734,12 +734,18 @@ impl Maps {
         chain.set(id, FREE_RULE)
     }
 
+    /// The id in one /24's slot (two slots share an array value).
     fn net24_slot(&self, slot: u32) -> Result<u32, MapsError> {
-        self.array_get(m::MAP_NET24_V4, slot)
+        let pair: [u32; 2] = self.array_get(m::MAP_NET24_V4, slot >> 1)?;
+        Ok(pair[(slot & 1) as usize])
     }
 
+    /// Point one /24's slot at `id`. Only the controller writes slots, and one command at a time
+    /// (the state database serialises them), so the read-modify-write of the pair is safe.
     fn set_net24_slot(&self, slot: u32, id: u32) -> Result<(), MapsError> {
-        self.array_set(m::MAP_NET24_V4, slot, &id)
+        let mut pair: [u32; 2] = self.array_get(m::MAP_NET24_V4, slot >> 1)?;
+        pair[(slot & 1) as usize] = id;
+        self.array_set(m::MAP_NET24_V4, slot >> 1, &pair)
     }
 
     fn net_ids_insert(&self, key: NetKeyV4, id: u32, what: &str) -> Result<(), MapsError> {
