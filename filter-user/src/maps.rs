@@ -655,7 +655,8 @@ impl Maps {
         let mut chain = Chain::new(self);
         let range = Self::net24_range(p);
         // The parent is the first prefix shorter than this one on any covered slot's chain.
-        let mut parent = self.net24_slot(range.start)?;
+        let mut slots = self.net24_load(range.clone())?;
+        let mut parent = slots.get(range.start);
         while parent != 0 && chain.rule(parent)?.prefix_len >= len {
             parent = chain.rule(parent)?.parent;
         }
@@ -669,9 +670,9 @@ impl Maps {
         )?;
         self.net_ids_insert(key, id, &what)?;
         for slot in range {
-            let cur = self.net24_slot(slot)?;
+            let cur = slots.get(slot);
             if cur == 0 || chain.rule(cur)?.prefix_len < len {
-                self.set_net24_slot(slot, id)?;
+                slots.set(slot, id);
                 continue;
             }
             // A longer prefix holds the slot: splice this one into its chain, just above the
@@ -690,7 +691,7 @@ impl Maps {
                 chain.set(prev, r)?;
             }
         }
-        Ok(())
+        self.net24_store(&slots)
     }
 
     fn net24_remove(&self, p: &Prefix) -> Result<(), MapsError> {
@@ -702,10 +703,11 @@ impl Maps {
         let mut chain = Chain::new(self);
         let parent = chain.rule(id)?.parent;
         // Slots and chains skip over the prefix before it goes.
+        let mut slots = self.net24_load(Self::net24_range(p))?;
         for slot in Self::net24_range(p) {
-            let cur = self.net24_slot(slot)?;
+            let cur = slots.get(slot);
             if cur == id {
-                self.set_net24_slot(slot, parent)?;
+                slots.set(slot, parent);
                 continue;
             }
             let mut prev = cur;
@@ -723,6 +725,7 @@ impl Maps {
                 prev = up;
             }
         }
+        self.net24_store(&slots)?;
         {
             let mut guard = self.map(m::MAP_NET_IDS_V4)?;
             let mut ids: HashMap<_, NetKeyV4, u32> =
@@ -734,18 +737,28 @@ impl Maps {
         chain.set(id, FREE_RULE)
     }
 
-    /// The id in one /24's slot (two slots share an array value).
-    fn net24_slot(&self, slot: u32) -> Result<u32, MapsError> {
-        let pair: [u32; 2] = self.array_get(m::MAP_NET24_V4, slot >> 1)?;
-        Ok(pair[(slot & 1) as usize])
+    /// The slots of `range`, read once (two slots share an array value).
+    fn net24_load(&self, range: std::ops::Range<u32>) -> Result<Slots, MapsError> {
+        let first_pair = range.start >> 1;
+        let pairs = (first_pair..=(range.end - 1) >> 1)
+            .map(|pair| self.array_get::<[u32; 2]>(m::MAP_NET24_V4, pair))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Slots {
+            first_pair,
+            dirty: vec![false; pairs.len()],
+            pairs,
+        })
     }
 
-    /// Point one /24's slot at `id`. Only the controller writes slots, and one command at a time
-    /// (the state database serialises them), so the read-modify-write of the pair is safe.
-    fn set_net24_slot(&self, slot: u32, id: u32) -> Result<(), MapsError> {
-        let mut pair: [u32; 2] = self.array_get(m::MAP_NET24_V4, slot >> 1)?;
-        pair[(slot & 1) as usize] = id;
-        self.array_set(m::MAP_NET24_V4, slot >> 1, &pair)
+    /// Write back the pairs that changed. Only the controller writes slots, one command at a
+    /// time (the state database serialises them), so whole-pair writes lose nothing.
+    fn net24_store(&self, slots: &Slots) -> Result<(), MapsError> {
+        for (i, pair) in slots.pairs.iter().enumerate() {
+            if slots.dirty[i] {
+                self.array_set(m::MAP_NET24_V4, slots.first_pair + i as u32, pair)?;
+            }
+        }
+        Ok(())
     }
 
     fn net_ids_insert(&self, key: NetKeyV4, id: u32, what: &str) -> Result<(), MapsError> {
@@ -802,6 +815,25 @@ where
             })
         })
         .collect()
+}
+
+/// A run of `NET24_V4` slots held in memory while a prefix is added or removed.
+struct Slots {
+    first_pair: u32,
+    pairs: Vec<[u32; 2]>,
+    dirty: Vec<bool>,
+}
+
+impl Slots {
+    fn get(&self, slot: u32) -> u32 {
+        self.pairs[((slot >> 1) - self.first_pair) as usize][(slot & 1) as usize]
+    }
+
+    fn set(&mut self, slot: u32, id: u32) {
+        let i = ((slot >> 1) - self.first_pair) as usize;
+        self.pairs[i][(slot & 1) as usize] = id;
+        self.dirty[i] = true;
+    }
 }
 
 /// What a free `NET_RULES_V4` id holds: expired long ago, length 0, no parent.
