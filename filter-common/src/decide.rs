@@ -113,7 +113,14 @@ pub const fn rule_active(expires_ns: u64, now: u64) -> bool {
 /// return the new `tat`, or `None` when the bucket is empty.
 #[inline(always)]
 pub const fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64) -> Option<u64> {
-    let base = if tat > now { tat } else { now };
+    // A `tat` further ahead than the current settings can produce was left by looser settings
+    // (the limit was tightened): start the source afresh rather than lock it out for the old
+    // burst window.
+    let base = if tat > now && tat - now <= tolerance + interval {
+        tat
+    } else {
+        now
+    };
     if base - now > tolerance {
         None
     } else {

@@ -291,20 +291,24 @@ fn parse_v6(ctx: &XdpContext, off: usize, len: u32, need_l4: bool) -> PacketMeta
     let mut next = ip[6];
     let mut off = off + IPV6_HLEN;
     for _ in 0..IPV6_EXT_MAX {
-        let ext_len = match next {
+        // Each arm reads the header's next-header byte through the pointer it bounds-checked.
+        let (following, ext_len) = match next {
             proto::HOPOPTS | proto::ROUTING | proto::DSTOPTS => match ptr_at::<[u8; 2]>(ctx, off) {
                 // SAFETY: checked by ptr_at.
-                Some(h) => (usize::from(unsafe { (*h)[1] }) + 1) * 8,
+                Some(h) => unsafe { ((*h)[0], (usize::from((*h)[1]) + 1) * 8) },
                 None => return meta,
             },
             proto::FRAGMENT => match ptr_at::<[u8; 8]>(ctx, off) {
                 // SAFETY: checked by ptr_at.
-                Some(h) if u16::from_be_bytes(unsafe { [(*h)[2], (*h)[3]] }) & 0xfff8 == 0 => 8,
+                Some(h) if u16::from_be_bytes(unsafe { [(*h)[2], (*h)[3]] }) & 0xfff8 == 0 => {
+                    // SAFETY: checked by ptr_at.
+                    (unsafe { (*h)[0] }, 8)
+                }
                 _ => return meta, // truncated, or not the first fragment
             },
             proto::AH => match ptr_at::<[u8; 2]>(ctx, off) {
                 // SAFETY: checked by ptr_at.
-                Some(h) => (usize::from(unsafe { (*h)[1] }) + 2) * 4,
+                Some(h) => unsafe { ((*h)[0], (usize::from((*h)[1]) + 2) * 4) },
                 None => return meta,
             },
             _ => {
@@ -312,8 +316,7 @@ fn parse_v6(ctx: &XdpContext, off: usize, len: u32, need_l4: bool) -> PacketMeta
                 return meta;
             }
         };
-        // SAFETY: every arm above checked at least 2 bytes at `off`.
-        next = unsafe { *((ctx.data() + off) as *const u8) };
+        next = following;
         off += ext_len;
     }
     if !matches!(

@@ -157,7 +157,10 @@ pub enum Command {
     )]
     Import(ImportArgs),
     /// Per-source rate limit in the kernel.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  apifilter ratelimit set --pps 100 --burst 200\n  apifilter ratelimit show --json\n  apifilter ratelimit off"
+    )]
     Ratelimit(RatelimitCommand),
     /// Enforce (drop) or only monitor (count what would be dropped).
     #[command(after_help = "Examples:\n  apifilter mode monitor\n  apifilter mode enforce")]
@@ -248,8 +251,12 @@ pub enum RatelimitCommand {
         syn_only: bool,
     },
     /// Turn the rate limit off.
+    #[command(after_help = "Example:\n  apifilter ratelimit off")]
     Off,
     /// Show the rate limit.
+    #[command(
+        after_help = "Examples:\n  apifilter ratelimit show\n  apifilter ratelimit show --json"
+    )]
     Show {
         /// Machine-readable output.
         #[arg(long)]
@@ -308,24 +315,18 @@ mod tests {
 
     #[test]
     fn every_subcommand_has_examples() {
-        let cmd = Cli::command();
-        for sub in cmd.get_subcommands() {
-            if matches!(
-                sub.get_name(),
-                "run" | "check-config" | "ratelimit" | "help"
-            ) {
-                continue;
+        fn check(cmd: &clap::Command, path: &str) {
+            for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+                let name = format!("{path} {}", sub.get_name());
+                let help = sub
+                    .get_after_help()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                assert!(help.contains("apifilter "), "`{name}` has no example");
+                check(sub, &name);
             }
-            let help = sub
-                .get_after_help()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
-            assert!(
-                help.contains("apifilter "),
-                "{} has no example",
-                sub.get_name()
-            );
         }
+        check(&Cli::command(), "apifilter");
     }
 
     #[test]

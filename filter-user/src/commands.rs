@@ -3,8 +3,10 @@
 //! the command already pushed, so a failed command changes nothing.
 
 use std::{
+    collections::HashMap,
     io::{IsTerminal as _, Read as _},
     path::Path,
+    sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
 
@@ -101,13 +103,54 @@ fn push(
     Ok(())
 }
 
-/// Apply claims (or releases) for `prefixes` in one transaction, pushing each to the kernel. On
-/// any failure the kernel entries already pushed go back to their previous state.
+/// Set by SIGINT/SIGTERM while [`DeferSignals`] is alive.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// While alive, SIGINT and SIGTERM only raise [`INTERRUPTED`]: a change in progress is undone
+/// (or finished) instead of leaving the kernel and the database apart.
+struct DeferSignals {
+    previous: [(libc::c_int, libc::sighandler_t); 2],
+}
+
+impl DeferSignals {
+    fn new() -> Self {
+        let handler = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        let previous =
+            [libc::SIGINT, libc::SIGTERM].map(|sig| (sig, unsafe { libc::signal(sig, handler) }));
+        Self { previous }
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        if INTERRUPTED.load(Ordering::Relaxed) {
+            bail!("interrupted; nothing was changed");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DeferSignals {
+    fn drop(&mut self) {
+        for (sig, handler) in self.previous {
+            // SAFETY: restoring the handler that was there before.
+            unsafe { libc::signal(sig, handler) };
+        }
+    }
+}
+
+/// Apply claims (or releases) in one transaction, pushing each entry's new state to the kernel.
+/// `plan` lists the prefixes to change, read inside the transaction. On any failure, or SIGINT,
+/// the kernel entries already pushed go back to their previous state and the transaction rolls
+/// back: the command changes nothing.
 fn apply(
     pins: &PinDir,
     store: &mut Store,
     list: List,
-    prefixes: &[Prefix],
+    plan: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<Vec<Prefix>, StoreError>,
     mut change: impl FnMut(
         &mut crate::store::Tx<'_>,
         &Prefix,
@@ -115,46 +158,91 @@ fn apply(
     audit: (&str, String),
 ) -> anyhow::Result<usize> {
     let maps = loaded_maps(pins);
+    let signals = DeferSignals::new();
     expire(maps.as_ref(), store)?;
     let mut pushed: Vec<(Prefix, Option<Option<i64>>)> = Vec::new();
-    let bar = progress(prefixes.len());
+    let mut bar = None;
     let result = store.write(|tx| {
-        for prefix in prefixes {
+        let prefixes = plan(tx)?;
+        bar = progress(prefixes.len());
+        for prefix in &prefixes {
+            signals.check()?;
             let before = tx.effective(list, prefix)?;
             let after = change(tx, prefix)?;
-            if let Some(maps) = &maps
-                && before != after
-            {
-                push(maps, list, prefix, after)?;
+            // Pushed even when the database did not change, so a kernel entry lost to an
+            // earlier failure comes back.
+            if let Some(maps) = &maps {
                 pushed.push((*prefix, before));
+                push(maps, list, prefix, after)?;
             }
             if let Some(b) = &bar {
                 b.inc(1);
             }
         }
         tx.audit(OWNER_CLI, audit.0, &audit.1)?;
-        Ok::<_, anyhow::Error>(())
+        Ok::<_, anyhow::Error>(prefixes.len())
     });
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    if let Err(err) = result {
-        if let Some(maps) = &maps {
-            for (prefix, before) in pushed.iter().rev() {
-                if let Err(undo) = push(maps, list, prefix, *before) {
-                    tracing::error!(%prefix, %undo, "could not undo a kernel change; run `apifilter attach` to resync");
+    let changed = match result {
+        Ok(n) => n,
+        Err(err) => {
+            if let Some(maps) = &maps {
+                for (prefix, before) in pushed.iter().rev() {
+                    if let Err(undo) = push(maps, list, prefix, *before) {
+                        tracing::error!(%prefix, %undo, "could not undo a kernel change; `apifilter attach` resyncs the kernel with the database");
+                    }
                 }
             }
+            return Err(err);
         }
-        return Err(err);
-    }
+    };
     if maps.is_none() {
         eprintln!(
             "note: the filter is not loaded under {}; the change is stored and applies on `apifilter attach`",
             pins.root().display()
         );
     }
-    Ok(pushed.len())
+    Ok(changed)
+}
+
+/// Bring the kernel in line with the database: the settings, every live entry with its remaining
+/// TTL, and nothing else. Runs inside a write transaction, so no other command changes either
+/// meanwhile. Returns (entries added or corrected, entries removed).
+pub fn reconcile(maps: &Maps, tx: &mut crate::store::Tx<'_>) -> anyhow::Result<(usize, usize)> {
+    apply_settings(maps, &tx.read().settings()?)?;
+    let desired: HashMap<(List, Prefix), Option<i64>> = tx
+        .read()
+        .live(unix_ms())?
+        .into_iter()
+        .map(|(list, prefix, exp)| ((list, prefix), exp))
+        .collect();
+    let actual: HashMap<(List, Prefix), u64> = maps
+        .entries()?
+        .into_iter()
+        .map(|k| ((k.list, k.prefix), k.value.expires_ns))
+        .collect();
+    let mut updated = 0;
+    for (&(list, prefix), &exp) in &desired {
+        let want = kernel_expiry(exp);
+        // Expiries computed a moment apart differ by the time between; a second is no change.
+        let same = actual
+            .get(&(list, prefix))
+            .is_some_and(|&have| (have == 0) == (want == 0) && have.abs_diff(want) < 1_000_000_000);
+        if !same {
+            maps.upsert(list, &prefix, want)?;
+            updated += 1;
+        }
+    }
+    let mut removed = 0;
+    for &(list, prefix) in actual.keys() {
+        if !desired.contains_key(&(list, prefix)) {
+            maps.remove(list, &prefix)?;
+            removed += 1;
+        }
+    }
+    Ok((updated, removed))
 }
 
 /// Drop claims whose TTL ran out and remove entries left without a live owner from the kernel
@@ -208,44 +296,44 @@ fn attach(
         loader::ifindex(iface)?;
     }
     let mut store = Store::open(state)?;
+    let signals = DeferSignals::new();
     let fresh = loader::ensure_loaded(pins, caps)?;
     let maps = Maps::open(pins)?;
-    if fresh {
-        let restored = restore(&maps, &store)?;
-        if restored > 0 {
+    let mut attached_now = Vec::new();
+    let result = store.write(|tx| {
+        let (updated, removed) = reconcile(&maps, tx)?;
+        if updated + removed > 0 {
             println!(
-                "restored {restored} entries from {}",
+                "kernel synced with {}: {updated} entries restored or corrected, {removed} removed",
                 state.join("state.db").display()
             );
         }
-    }
-    for iface in ifaces {
-        let ifindex = loader::ifindex(iface)?;
-        let already = pins.link(iface).exists();
-        let used = loader::attach(pins, iface, mode)?;
-        maps.assign_slot(ifindex)?;
-        if already {
-            println!("{iface}: already attached");
-            continue;
-        }
-        store.write(|tx| {
+        for iface in ifaces {
+            signals.check()?;
+            if pins.link(iface).exists() {
+                println!("{iface}: already attached");
+                continue;
+            }
+            let used = loader::attach(pins, iface, mode)?;
+            attached_now.push(iface.clone());
+            maps.assign_slot(loader::ifindex(iface)?)?;
             tx.set_interface(iface, &used.to_string())?;
-            tx.audit(OWNER_CLI, "attach", &format!("{iface} mode={used}"))
-        })?;
-        println!("{iface}: attached ({used} mode)");
+            tx.audit(OWNER_CLI, "attach", &format!("{iface} mode={used}"))?;
+            println!("{iface}: attached ({used} mode)");
+        }
+        Ok::<_, anyhow::Error>(())
+    });
+    if let Err(err) = result {
+        // Leave things as they were: no half-attached command, no program loaded for nothing.
+        for iface in &attached_now {
+            let _ = loader::detach(pins, iface);
+        }
+        if fresh {
+            let _ = loader::unload(pins);
+        }
+        return Err(err);
     }
     Ok(())
-}
-
-/// Fill freshly loaded maps from the database: settings, then every live entry with its
-/// remaining TTL.
-pub fn restore(maps: &Maps, store: &Store) -> anyhow::Result<usize> {
-    apply_settings(maps, &store.settings()?)?;
-    let live = store.live(unix_ms())?;
-    for (list, prefix, exp) in &live {
-        maps.upsert(*list, prefix, kernel_expiry(*exp))?;
-    }
-    Ok(live.len())
 }
 
 fn apply_settings(maps: &Maps, s: &Settings) -> anyhow::Result<()> {
@@ -340,7 +428,7 @@ fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
         pins,
         &mut store,
         List::Block,
-        &args.entries,
+        |_| Ok(args.entries.clone()),
         |tx, p| {
             tx.claim(List::Block, p, OWNER_CLI, expires, comment)
                 .map(Some)
@@ -434,7 +522,7 @@ fn release(
         pins,
         &mut store,
         list,
-        entries,
+        |_| Ok(entries.to_vec()),
         |tx, p| tx.release(list, p, OWNER_CLI),
         (verb, describe(entries, None, None)),
     )?;
@@ -465,7 +553,7 @@ fn allow(
         pins,
         &mut store,
         List::Allow,
-        entries,
+        |_| Ok(entries.to_vec()),
         |tx, p| {
             tx.claim(List::Allow, p, OWNER_CLI, None, comment.as_deref())
                 .map(Some)
@@ -496,19 +584,23 @@ struct ListRow {
 fn list(pins: &PinDir, state: &Path, only: Option<List>, json: bool) -> anyhow::Result<()> {
     require_root("list")?;
     let store = Store::open(state)?;
-    let kernel = match loaded_maps(pins) {
-        Some(maps) => Some(maps.entries()?),
-        None => None,
-    };
+    let kernel: Option<std::collections::HashMap<(List, Prefix), crate::maps::KernelEntry>> =
+        match loaded_maps(pins) {
+            Some(maps) => Some(
+                maps.entries()?
+                    .into_iter()
+                    .map(|k| ((k.list, k.prefix), k))
+                    .collect(),
+            ),
+            None => None,
+        };
     let now = unix_ms();
     let rows: Vec<ListRow> = store
         .entries(only)?
         .into_iter()
         .filter(|e| e.effective_expiry_ms().is_none_or(|t| t > now))
         .map(|e| {
-            let k = kernel
-                .as_ref()
-                .and_then(|k| k.iter().find(|k| k.list == e.list && k.prefix == e.prefix));
+            let k = kernel.as_ref().and_then(|k| k.get(&(e.list, e.prefix)));
             let exp = e.effective_expiry_ms();
             ListRow {
                 list: e.list,
@@ -595,38 +687,43 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
         prefixes.len(),
         if args.replace { " (replace)" } else { "" }
     );
+    if args.replace && prefixes.is_empty() {
+        bail!(
+            "{name} lists no entries: refusing to replace everything source {source:?} holds with nothing \
+             (a failed download looks like this); use `apifilter import` without --replace to keep them"
+        );
+    }
+    // Adds first, then releases, in one transaction: nothing the new list keeps blinks out, and a
+    // concurrent import of the same source waits for this one.
+    let keep: std::collections::HashSet<Prefix> = prefixes.iter().copied().collect();
+    let mut released = 0;
     apply(
         pins,
         &mut store,
         List::Block,
-        &prefixes,
-        |tx, p| tx.claim(List::Block, p, &source, expires, None).map(Some),
+        |tx| {
+            let mut plan = prefixes.clone();
+            if args.replace {
+                let stale: Vec<Prefix> = tx
+                    .read()
+                    .owned(List::Block, &source)?
+                    .into_iter()
+                    .filter(|p| !keep.contains(p))
+                    .collect();
+                released = stale.len();
+                plan.extend(stale);
+            }
+            Ok(plan)
+        },
+        |tx, p| {
+            if keep.contains(p) {
+                tx.claim(List::Block, p, &source, expires, None).map(Some)
+            } else {
+                tx.release(List::Block, p, &source)
+            }
+        },
         ("import", detail),
     )?;
-    let mut released = 0;
-    if args.replace {
-        let keep: std::collections::HashSet<Prefix> = prefixes.iter().copied().collect();
-        let stale: Vec<Prefix> = store
-            .entries(Some(List::Block))?
-            .into_iter()
-            .filter(|e| !keep.contains(&e.prefix) && e.claims.iter().any(|c| c.owner == source))
-            .map(|e| e.prefix)
-            .collect();
-        released = stale.len();
-        if !stale.is_empty() {
-            apply(
-                pins,
-                &mut store,
-                List::Block,
-                &stale,
-                |tx, p| tx.release(List::Block, p, &source),
-                (
-                    "import-replace",
-                    format!("released {} entries of {source}", stale.len()),
-                ),
-            )?;
-        }
-    }
     println!(
         "imported {} entries from {name} as source {source:?}{}",
         prefixes.len(),
@@ -675,16 +772,11 @@ fn ratelimit(pins: &PinDir, state: &Path, cmd: RatelimitCommand) -> anyhow::Resu
         _ => None,
     };
     let mut store = Store::open(state)?;
-    let mut settings = store.settings()?;
-    settings.ratelimit = rl;
-    change_settings(
-        pins,
-        &mut store,
-        &settings,
-        "ratelimit",
-        describe_ratelimit(settings.ratelimit.as_ref()),
-    )?;
-    println!("{}", describe_ratelimit(settings.ratelimit.as_ref()));
+    let detail = describe_ratelimit(rl.as_ref());
+    change_settings(pins, &mut store, "ratelimit", detail.clone(), |s| {
+        s.ratelimit = rl
+    })?;
+    println!("{detail}");
     Ok(())
 }
 
@@ -713,19 +805,23 @@ fn describe_ratelimit(rl: Option<&RateLimit>) -> String {
     }
 }
 
+/// Change the kernel settings: read, changed and written inside one transaction, so two commands
+/// changing different settings at once both keep their change.
 fn change_settings(
     pins: &PinDir,
     store: &mut Store,
-    settings: &Settings,
     action: &str,
     detail: String,
+    change: impl FnOnce(&mut Settings),
 ) -> anyhow::Result<()> {
     let maps = loaded_maps(pins);
     store.write(|tx| {
-        tx.set_settings(settings)?;
+        let mut settings = tx.read().settings()?;
+        change(&mut settings);
+        tx.set_settings(&settings)?;
         tx.audit(OWNER_CLI, action, &detail)?;
         if let Some(maps) = &maps {
-            apply_settings(maps, settings)?;
+            apply_settings(maps, &settings)?;
         }
         Ok::<_, anyhow::Error>(())
     })?;
@@ -740,17 +836,14 @@ fn change_settings(
 fn set_mode(pins: &PinDir, state: &Path, mode: Mode) -> anyhow::Result<()> {
     require_root("mode")?;
     let mut store = Store::open(state)?;
-    let mut settings = store.settings()?;
-    settings.monitor = mode == Mode::Monitor;
-    let name = if settings.monitor {
-        "monitor"
-    } else {
-        "enforce"
-    };
-    change_settings(pins, &mut store, &settings, "mode", name.into())?;
+    let monitor = mode == Mode::Monitor;
+    let name = if monitor { "monitor" } else { "enforce" };
+    change_settings(pins, &mut store, "mode", name.into(), |s| {
+        s.monitor = monitor
+    })?;
     println!(
         "mode: {name}{}",
-        if settings.monitor {
+        if monitor {
             " (nothing is dropped; would-be drops are counted as monitor_would_drop_*)"
         } else {
             ""

@@ -102,20 +102,33 @@ impl std::fmt::Display for AttachMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::Args, Serialize)]
 pub struct Capacities {
     /// Exact IPv4 hosts the blocklist holds (used when the program is first loaded).
-    #[arg(long, default_value_t = m::BLOCK_V4_MAX, value_name = "N")]
+    #[arg(long, default_value_t = m::BLOCK_V4_MAX, value_name = "N", value_parser = capacity)]
     pub max_v4_hosts: u32,
     /// Exact IPv6 hosts the blocklist holds.
-    #[arg(long, default_value_t = m::BLOCK_V6_MAX, value_name = "N")]
+    #[arg(long, default_value_t = m::BLOCK_V6_MAX, value_name = "N", value_parser = capacity)]
     pub max_v6_hosts: u32,
     /// IPv4 prefixes the blocklist holds.
-    #[arg(long, default_value_t = m::BLOCK_NET_V4_MAX, value_name = "N")]
+    #[arg(long, default_value_t = m::BLOCK_NET_V4_MAX, value_name = "N", value_parser = capacity)]
     pub max_v4_prefixes: u32,
     /// IPv6 prefixes the blocklist holds.
-    #[arg(long, default_value_t = m::BLOCK_NET_V6_MAX, value_name = "N")]
+    #[arg(long, default_value_t = m::BLOCK_NET_V6_MAX, value_name = "N", value_parser = capacity)]
     pub max_v6_prefixes: u32,
     /// Sources the rate limiter tracks, per address family (least recently seen are evicted).
-    #[arg(long, default_value_t = m::RATELIMIT_MAX, value_name = "N")]
+    #[arg(long, default_value_t = m::RATELIMIT_MAX, value_name = "N", value_parser = capacity)]
     pub max_sources: u32,
+}
+
+/// Largest table size accepted (64M entries; the big tables take about 90 bytes an entry).
+pub const CAPACITY_MAX: u32 = 1 << 26;
+
+/// Parse a table size: 1 to [`CAPACITY_MAX`].
+fn capacity(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=CAPACITY_MAX).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "invalid table size {s:?}: must be 1 to {CAPACITY_MAX}"
+        )),
+    }
 }
 
 impl Default for Capacities {
@@ -206,6 +219,30 @@ pub fn ensure_loaded(pins: &PinDir, caps: &Capacities) -> Result<bool, LoaderErr
     mkdir(pins.root())?;
     mkdir(&pins.maps())?;
     mkdir(&pins.links())?;
+    // Map pins without a program are left over from a load that failed half way: aya would reuse
+    // them whatever their sizes, so start from nothing.
+    remove_map_pins(pins)?;
+    load_and_pin(pins, caps).inspect_err(|_| {
+        let _ = unload(pins);
+    })?;
+    Ok(true)
+}
+
+fn remove_map_pins(pins: &PinDir) -> Result<(), LoaderError> {
+    for entry in std::fs::read_dir(pins.maps())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        std::fs::remove_file(entry.path()).map_err(|source| LoaderError::PinDir {
+            path: entry.path(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn load_and_pin(pins: &PinDir, caps: &Capacities) -> Result<(), LoaderError> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pins.maps())
         .map_max_entries(m::MAP_BLOCK_V4, caps.max_v4_hosts)
@@ -229,7 +266,7 @@ pub fn ensure_loaded(pins: &PinDir, caps: &Capacities) -> Result<bool, LoaderErr
         path: pins.prog(),
         reason: e.to_string(),
     })?;
-    Ok(true)
+    Ok(())
 }
 
 fn verifier_error(e: &aya::programs::ProgramError) -> String {

@@ -193,13 +193,6 @@ impl Store {
         Ok(Self { conn, path })
     }
 
-    fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        |source| StoreError::Db {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
     /// Run `f` in one write transaction (IMMEDIATE, so concurrent writers queue instead of failing).
     pub fn write<T, E: From<StoreError>>(
         &mut self,
@@ -221,6 +214,54 @@ impl Store {
         let out = f(&mut tx)?;
         tx.tx.commit().map_err(db)?;
         Ok(out)
+    }
+
+    /// Read queries on the database (outside any write transaction).
+    pub fn read(&self) -> Reader<'_> {
+        Reader {
+            conn: &self.conn,
+            path: &self.path,
+        }
+    }
+
+    /// Every entry with its claims, sorted by list then prefix.
+    pub fn entries(&self, list: Option<List>) -> Result<Vec<StoredEntry>, StoreError> {
+        self.read().entries(list)
+    }
+
+    /// Entries still live at `now_ms` with their effective expiry.
+    pub fn live(&self, now_ms: i64) -> Result<Vec<(List, Prefix, Option<i64>)>, StoreError> {
+        self.read().live(now_ms)
+    }
+
+    /// Kernel settings (defaults when never set).
+    pub fn settings(&self) -> Result<Settings, StoreError> {
+        self.read().settings()
+    }
+
+    /// Interfaces recorded as attached, with their modes.
+    pub fn interfaces(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.read().interfaces()
+    }
+
+    /// The most recent audit records, newest last.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditRecord>, StoreError> {
+        self.read().audit(limit)
+    }
+}
+
+/// Read queries, on the database or inside a write transaction.
+pub struct Reader<'a> {
+    conn: &'a Connection,
+    path: &'a Path,
+}
+
+impl Reader<'_> {
+    fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Db {
+            path: self.path.to_owned(),
+            source,
+        }
     }
 
     /// Every entry with its claims, sorted by list then prefix.
@@ -262,6 +303,22 @@ impl Store {
         }
         out.sort_by_key(|e| (e.list, e.prefix));
         Ok(out)
+    }
+
+    /// The prefixes `owner` has a claim on in `list`.
+    pub fn owned(&self, list: List, owner: &str) -> Result<Vec<Prefix>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT prefix FROM entries WHERE list = ?1 AND owner = ?2")
+            .map_err(self.db())?;
+        let rows: Vec<String> = stmt
+            .query_map(params![list.as_str(), owner], |r| r.get(0))
+            .map_err(self.db())?
+            .collect::<Result<_, _>>()
+            .map_err(self.db())?;
+        rows.iter()
+            .map(|p| p.parse().map_err(|_| self.corrupt(p)))
+            .collect()
     }
 
     /// Entries still live at `now_ms` with their effective expiry, for restoring the kernel maps.
@@ -332,7 +389,7 @@ impl Store {
 
     fn corrupt(&self, value: &str) -> StoreError {
         StoreError::Corrupt {
-            path: self.path.clone(),
+            path: self.path.to_owned(),
             value: value.to_owned(),
         }
     }
@@ -353,6 +410,14 @@ pub struct Tx<'a> {
 }
 
 impl Tx<'_> {
+    /// Read queries inside this transaction.
+    pub fn read(&self) -> Reader<'_> {
+        Reader {
+            conn: &self.tx,
+            path: &self.path,
+        }
+    }
+
     fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
         |source| StoreError::Db {
             path: self.path.clone(),
@@ -488,6 +553,7 @@ impl Tx<'_> {
             .collect::<Result<_, _>>()
             .map_err(self.db())?;
         let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         for (list, prefix) in rows {
             let corrupt = || StoreError::Corrupt {
                 path: self.path.clone(),
@@ -497,7 +563,7 @@ impl Tx<'_> {
                 parse_list(&list).ok_or_else(corrupt)?,
                 prefix.parse().map_err(|_| corrupt())?,
             );
-            if !out.contains(&entry) {
+            if seen.insert(entry) {
                 out.push(entry);
             }
         }
