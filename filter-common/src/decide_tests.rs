@@ -1518,3 +1518,23 @@ fn random_bytes_never_panic() {
         "every kind reached: {kinds:?}"
     );
 }
+
+/// Tightening the limit must not lock out a source whose state ran ahead under the old, looser
+/// settings: a `tat` beyond what the current settings can produce starts the source afresh.
+#[test]
+fn tightened_limit_does_not_lock_a_source_out() {
+    use crate::decide::gcra;
+    let now = 1_000 * 1_000_000_000u64;
+    let (interval, tolerance) = (1_000_000, 99_000_000); // 1000 pps, burst 100
+    // Left 100 s ahead by --pps 10 --burst 1000.
+    assert_eq!(
+        gcra(now + 100_000_000_000, now, interval, tolerance),
+        Some(now + interval)
+    );
+    // Inside the current window the state counts as usual.
+    assert_eq!(
+        gcra(now + 50_000_000, now, interval, tolerance),
+        Some(now + 51_000_000)
+    );
+    assert_eq!(gcra(now + 100_000_000, now, interval, tolerance), None);
+}

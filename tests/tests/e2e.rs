@@ -996,3 +996,135 @@ fn auto_mode_falls_back_to_skb_with_a_warning() {
     assert_eq!(st["interfaces"][0]["mode"], "skb", "{st}");
     af_ok(&ns, &inst, &["detach", "--all"]);
 }
+
+/// `attach` brings the kernel back in line with the database whatever happened to the maps: an
+/// entry missing from the kernel is put back, one the database does not know is removed.
+#[test]
+fn attach_resyncs_kernel_with_database() {
+    let fx = Fixture::new("resync");
+    fx.af(&["attach", "s0", "--mode", "native"]);
+    let (kept, stray) = (v4(1, 3), v4(1, 4));
+    fx.af(&["block", &kept.to_string()]);
+    fx.assert_blocked(kept);
+    // Drift, as a crash between the kernel change and the commit would leave it.
+    let map = fx.inst.pin_dir.join("maps/BLOCK_V4");
+    let key = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => a.octets().iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+        IpAddr::V6(_) => unreachable!(),
+    };
+    let bpftool = |args: Vec<String>| {
+        let out = std::process::Command::new("bpftool")
+            .args(&args)
+            .output()
+            .expect("bpftool");
+        assert!(
+            out.status.success(),
+            "bpftool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let map = map.display().to_string();
+    let mut del = vec![
+        "map".into(),
+        "delete".into(),
+        "pinned".into(),
+        map.clone(),
+        "key".into(),
+    ];
+    del.extend(key(kept));
+    bpftool(del);
+    let mut add = vec![
+        "map".into(),
+        "update".into(),
+        "pinned".into(),
+        map,
+        "key".into(),
+    ];
+    add.extend(key(stray));
+    add.push("value".into());
+    add.extend(std::iter::repeat_n("0".to_string(), 16));
+    bpftool(add);
+    fx.assert_delivered(kept, "pass");
+    fx.assert_blocked(stray);
+
+    let out = fx.af(&["attach", "s0"]);
+    assert!(
+        out.contains("1 entries restored or corrected, 1 removed"),
+        "{out}"
+    );
+    fx.assert_blocked(kept);
+    fx.assert_delivered(stray, "pass");
+}
+
+/// `import --replace` of an empty list (a failed download) keeps what the source had.
+#[test]
+fn replace_with_empty_list_is_refused() {
+    let inst = Instance::new("empty");
+    let dir = std::env::temp_dir().join(format!("aft-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (full, empty) = (dir.join("full.txt"), dir.join("empty.txt"));
+    std::fs::write(&full, "198.18.9.1\n198.18.10.0/24\n").unwrap();
+    std::fs::write(&empty, "# nothing today\n").unwrap();
+    inst.ok(&[
+        "import",
+        full.to_str().unwrap(),
+        "--source",
+        "feed",
+        "--replace",
+    ]);
+    let err = inst.fails(&[
+        "import",
+        empty.to_str().unwrap(),
+        "--source",
+        "feed",
+        "--replace",
+    ]);
+    assert!(
+        err.contains("empty.txt") && err.contains("no entries"),
+        "{err}"
+    );
+    let rows: Value = serde_json::from_str(&inst.ok(&["list", "--json"])).unwrap();
+    assert_eq!(rows.as_array().map(Vec::len), Some(2), "{rows}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Ctrl-C during a long import changes nothing: not the database, not the kernel.
+#[test]
+fn interrupted_import_changes_nothing() {
+    let inst = Instance::new("sigint");
+    let ns = Netns::new("afi");
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    ns.ip(&["link", "set", "d0", "up"]);
+    ns.ip(&["link", "set", "d1", "up"]);
+    af_ok(&ns, &inst, &["attach", "d0", "--mode", "skb"]);
+    let file = std::env::temp_dir().join(format!("aft-sigint-{}.txt", std::process::id()));
+    // Only table contents: no traffic is sent to these.
+    let text: String = (0..400_000u32)
+        .map(|i| format!("{}\n", std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+        .collect();
+    std::fs::write(&file, text).unwrap();
+    let child = ns
+        .apifilter(&inst)
+        .args(["import", file.to_str().unwrap(), "--source", "big"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    std::fs::remove_file(&file).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the import finished before the signal; make the list longer"
+    );
+    assert!(err.contains("interrupted"), "{err}");
+    assert!(list(&ns, &inst).is_empty(), "database unchanged");
+    assert_eq!(
+        map_fill(&status(&ns, &inst), "BLOCK_V4"),
+        0,
+        "kernel unchanged"
+    );
+    af_ok(&ns, &inst, &["detach", "--all"]);
+}
