@@ -308,16 +308,25 @@ fn attach(
                 state.join("state.db").display()
             );
         }
+        let recorded = tx.read().interfaces()?;
         for iface in ifaces {
             signals.check()?;
+            let ifindex = loader::ifindex(iface)?;
             if pins.link(iface).exists() {
-                println!("{iface}: already attached");
-                continue;
+                let was = recorded.iter().find(|(n, _, _)| n == iface).map(|(_, _, i)| *i);
+                if was.is_none_or(|was| was == ifindex) {
+                    println!("{iface}: already attached");
+                    continue;
+                }
+                // Deleting an interface detaches its XDP link; the pin outlives it. A new
+                // interface of the same name needs a link of its own.
+                tracing::warn!(%iface, "the interface was recreated since it was attached; attaching again");
+                loader::detach(pins, iface)?;
             }
             let used = loader::attach(pins, iface, mode)?;
             attached_now.push(iface.clone());
-            maps.assign_slot(loader::ifindex(iface)?)?;
-            tx.set_interface(iface, &used.to_string())?;
+            maps.assign_slot(ifindex)?;
+            tx.set_interface(iface, &used.to_string(), ifindex)?;
             tx.audit(OWNER_CLI, "attach", &format!("{iface} mode={used}"))?;
             println!("{iface}: attached ({used} mode)");
         }
@@ -868,6 +877,8 @@ struct IfaceStatus {
     name: String,
     mode: String,
     ifindex: Option<u32>,
+    /// The interface was deleted or recreated since it was attached: `attach` it again.
+    stale: bool,
 }
 
 #[derive(Serialize)]
@@ -891,14 +902,19 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
     let interfaces = pins
         .attached()
         .into_iter()
-        .map(|name| IfaceStatus {
-            mode: modes
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, m)| m.clone())
-                .unwrap_or_else(|| "?".into()),
-            ifindex: loader::ifindex(&name).ok(),
-            name,
+        .map(|name| {
+            let recorded = modes.iter().find(|(n, _, _)| *n == name);
+            let ifindex = loader::ifindex(&name).ok();
+            // A link whose interface was deleted (and maybe recreated) no longer filters.
+            let stale = recorded.is_some_and(|(_, _, was)| Some(*was) != ifindex);
+            IfaceStatus {
+                mode: recorded
+                    .map(|(_, m, _)| m.clone())
+                    .unwrap_or_else(|| "?".into()),
+                ifindex,
+                stale,
+                name,
+            }
         })
         .collect();
     let mut fills = Vec::new();
@@ -952,7 +968,7 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
     if s.interfaces.is_empty() {
         println!("interfaces: none attached");
     } else {
-        let mut t = crate::table::Table::new(["INTERFACE", "IFINDEX", "XDP MODE"]);
+        let mut t = crate::table::Table::new(["INTERFACE", "IFINDEX", "XDP MODE", "STATE"]);
         for i in &s.interfaces {
             t.row([
                 i.name.clone(),
@@ -960,6 +976,11 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
                     .map(|x| x.to_string())
                     .unwrap_or_else(|| "gone".into()),
                 i.mode.clone(),
+                if i.stale {
+                    "not filtering: interface recreated, run `apifilter attach`".into()
+                } else {
+                    "filtering".into()
+                },
             ]);
         }
         print!("{t}");

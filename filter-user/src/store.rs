@@ -149,6 +149,7 @@ CREATE TABLE IF NOT EXISTS settings (
 CREATE TABLE IF NOT EXISTS interfaces (
     name         TEXT PRIMARY KEY,
     mode         TEXT    NOT NULL,
+    ifindex      INTEGER NOT NULL,  -- a different ifindex now means the interface was recreated
     attached_at  INTEGER NOT NULL
 );
 ";
@@ -239,8 +240,8 @@ impl Store {
         self.read().settings()
     }
 
-    /// Interfaces recorded as attached, with their modes.
-    pub fn interfaces(&self) -> Result<Vec<(String, String)>, StoreError> {
+    /// Interfaces recorded as attached: name, mode, ifindex at attach time.
+    pub fn interfaces(&self) -> Result<Vec<(String, String, u32)>, StoreError> {
         self.read().interfaces()
     }
 
@@ -353,14 +354,14 @@ impl Reader<'_> {
         }
     }
 
-    /// Interfaces recorded as attached, with their modes.
-    pub fn interfaces(&self) -> Result<Vec<(String, String)>, StoreError> {
+    /// Interfaces recorded as attached: name, mode, ifindex at attach time.
+    pub fn interfaces(&self) -> Result<Vec<(String, String, u32)>, StoreError> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT name, mode FROM interfaces ORDER BY name")
+            .prepare_cached("SELECT name, mode, ifindex FROM interfaces ORDER BY name")
             .map_err(self.db())?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(self.db())?;
         rows.collect::<Result<_, _>>().map_err(self.db())
     }
@@ -516,12 +517,17 @@ impl Tx<'_> {
     }
 
     /// Record an interface as attached.
-    pub fn set_interface(&mut self, name: &str, mode: &str) -> Result<(), StoreError> {
+    pub fn set_interface(
+        &mut self,
+        name: &str,
+        mode: &str,
+        ifindex: u32,
+    ) -> Result<(), StoreError> {
         self.tx
             .execute(
-                "INSERT INTO interfaces (name, mode, attached_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (name) DO UPDATE SET mode = excluded.mode",
-                params![name, mode, unix_ms()],
+                "INSERT INTO interfaces (name, mode, ifindex, attached_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET mode = excluded.mode, ifindex = excluded.ifindex",
+                params![name, mode, ifindex, unix_ms()],
             )
             .map_err(self.db())?;
         Ok(())

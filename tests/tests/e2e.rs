@@ -1128,3 +1128,49 @@ fn interrupted_import_changes_nothing() {
     );
     af_ok(&ns, &inst, &["detach", "--all"]);
 }
+
+/// Deleting an interface detaches its XDP link while the pin stays: `status` says the interface is
+/// not filtered, and `attach` attaches the new interface of the same name.
+#[test]
+fn recreated_interface_is_attached_again() {
+    let inst = Instance::new("recreate");
+    let ns = Netns::new("afr");
+    let make = || {
+        ns.ip(&["link", "add", "r0", "type", "veth", "peer", "name", "r1"]);
+        ns.ip(&["link", "set", "r0", "up"]);
+        ns.ip(&["link", "set", "r1", "up"]);
+    };
+    make();
+    af_ok(&ns, &inst, &["attach", "r0", "--mode", "native"]);
+    assert!(ns.ip(&["link", "show", "r0"]).contains("xdp"), "attached");
+    assert_eq!(
+        status(&ns, &inst)["interfaces"][0]["stale"],
+        Value::Bool(false)
+    );
+
+    ns.ip(&["link", "del", "r0"]);
+    make();
+    assert!(
+        !ns.ip(&["link", "show", "r0"]).contains("xdp"),
+        "the new r0 has no program"
+    );
+    let st = status(&ns, &inst);
+    assert_eq!(st["interfaces"][0]["stale"], Value::Bool(true), "{st}");
+
+    let out = af_output(&ns, &inst, &["attach", "r0", "--mode", "native"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("recreated"));
+    assert!(
+        ns.ip(&["link", "show", "r0"]).contains("xdp"),
+        "attached again"
+    );
+    assert_eq!(
+        status(&ns, &inst)["interfaces"][0]["stale"],
+        Value::Bool(false)
+    );
+    af_ok(&ns, &inst, &["detach", "--all"]);
+}
