@@ -135,6 +135,8 @@ CREATE TABLE IF NOT EXISTS entries (
     PRIMARY KEY (list, prefix, owner)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_owner ON entries (owner);
+-- Every change purges expired claims first; this keeps that cheap on a big table.
+CREATE INDEX IF NOT EXISTS entries_expiry ON entries (expires_at) WHERE expires_at IS NOT NULL;
 CREATE TABLE IF NOT EXISTS audit (
     id      INTEGER PRIMARY KEY,
     at      INTEGER NOT NULL,       -- ms since the epoch
