@@ -1174,3 +1174,49 @@ fn recreated_interface_is_attached_again() {
     );
     af_ok(&ns, &inst, &["detach", "--all"]);
 }
+
+/// `stats --watch --json` streams one JSON line per interface and reason every interval, with
+/// deltas and rates that add up to the drops the traffic caused.
+#[test]
+fn stats_watch_streams_deltas_and_rates() {
+    let fx = Fixture::new("watch");
+    fx.af(&["attach", "s0", "--mode", "native"]);
+    let src = v4(1, 3);
+    fx.af(&["block", &src.to_string()]);
+    let child = fx
+        .ns()
+        .apifilter(&fx.inst)
+        .args(["stats", "--watch", "0.5", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("stats --watch");
+    std::thread::sleep(Duration::from_millis(700));
+    let sent = fx.assert_blocked(src).sent;
+    std::thread::sleep(Duration::from_millis(1200));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let out = child.wait_with_output().expect("wait");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    let drops: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["iface"] == "s0" && l["reason"] == "drop_blocklist")
+        .collect();
+    assert!(drops.len() >= 2, "a line per interval: {lines:?}");
+    let delta: u64 = drops
+        .iter()
+        .filter_map(|l| l["delta_packets"].as_u64())
+        .sum();
+    assert_eq!(
+        delta, sent,
+        "deltas add up to the {sent} blocked datagrams: {drops:?}"
+    );
+    assert!(
+        drops
+            .iter()
+            .any(|l| l["pps"].as_f64().is_some_and(|r| r > 0.0)),
+        "a rate while the traffic flowed: {drops:?}"
+    );
+}
