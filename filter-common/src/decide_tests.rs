@@ -668,7 +668,11 @@ fn gcra_properties() {
         let interval = 1 + rng.below(1 << 32);
         let tolerance = rng.below(1 << 40);
         // A tat further ahead than tolerance + interval is stale (left by looser settings).
-        let base = if tat > now && tat - now <= tolerance + interval { tat } else { now };
+        let base = if tat > now && tat - now <= tolerance + interval {
+            tat
+        } else {
+            now
+        };
         match gcra(tat, now, interval, tolerance) {
             None => assert!(
                 base - now > tolerance,

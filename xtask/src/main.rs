@@ -41,8 +41,6 @@ enum Command {
     Lint,
     /// Run `setup` and a release build, then the narrated demo in network namespaces (root).
     Demo,
-    /// Benchmarks (not implemented yet).
-    Bench,
 }
 
 fn main() -> ExitCode {
@@ -53,7 +51,6 @@ fn main() -> ExitCode {
         Command::Test { args } => tasks::test(&args).map(|()| ExitCode::SUCCESS),
         Command::Lint => tasks::lint().map(|()| ExitCode::SUCCESS),
         Command::Demo => tasks::demo().map(|()| ExitCode::SUCCESS),
-        Command::Bench => Ok(tasks::bench()),
     };
     result.unwrap_or_else(|err| {
         eprintln!("xtask: error: {err:#}");

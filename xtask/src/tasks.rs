@@ -1,6 +1,6 @@
-//! The commands built on `setup`: build, test, lint, demo and bench.
+//! The commands built on `setup`: build, test, lint and demo.
 
-use std::process::{Command, ExitCode};
+use std::process::Command;
 
 use anyhow::{Result, bail};
 
@@ -144,10 +144,4 @@ pub fn demo() -> Result<()> {
             .env("APIFILTER", release_binary()),
     )?;
     Ok(())
-}
-
-/// `cargo xtask bench`: not there yet; exits 2 so scripts cannot mistake it for a pass.
-pub fn bench() -> ExitCode {
-    eprintln!("bench: not implemented yet (see issue 5)");
-    ExitCode::from(2)
 }
