@@ -506,11 +506,9 @@ fn expired_host_entry_falls_through_to_live_prefix() {
     assert_eq!(m.hits(ListKind::Block, "198.51.100.0/24"), Some(1));
 }
 
-/// DESIGN.md: "the kernel treats an expired entry as absent". Had the expired /24 been absent, the
-/// live, permanent /8 would match and drop. The LPM lookup returns only the longest prefix, and
-/// `decide` gives up when that one is expired, so an expired specific ban shadows a live broader
-/// one (and an expired specific allow shadows a live broader allow) until the controller deletes
-/// it. Known failure: see the report of the test author.
+/// DESIGN.md: "the kernel treats an expired entry as absent". With the expired /24 absent, the
+/// live, permanent /8 matches and drops: an expired specific ban must not shadow a live broader
+/// one (nor an expired specific allow a live broader allow).
 #[test]
 fn expired_longer_prefix_does_not_shadow_live_shorter_prefix() {
     let m = Model::new();
