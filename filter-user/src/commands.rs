@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    io::{IsTerminal as _, Read as _},
+    io::Read as _,
     path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -17,7 +17,9 @@ use serde::Serialize;
 use crate::{
     cidr::Prefix,
     cli::{BlockArgs, Cli, Command, ImportArgs, Mode, RatelimitCommand},
-    clock, formats,
+    clock,
+    control::{self, Change, kernel_expiry},
+    formats,
     loader::{self, AttachMode, Capacities, PinDir},
     maps::{List, Maps},
     stats,
@@ -81,28 +83,6 @@ fn loaded_maps(pins: &PinDir) -> Option<Maps> {
     Maps::open(pins).ok()
 }
 
-/// Kernel expiry for a wall-clock expiry (`None` = permanent → 0).
-fn kernel_expiry(expires_at_ms: Option<i64>) -> u64 {
-    match expires_at_ms {
-        None => 0,
-        Some(at) => clock::boot_ns_at_unix_ms(at).max(1),
-    }
-}
-
-/// Make the kernel hold the entry's current effective state (`None` = no owner left).
-fn push(
-    maps: &Maps,
-    list: List,
-    prefix: &Prefix,
-    effective: Option<Option<i64>>,
-) -> anyhow::Result<()> {
-    match effective {
-        None => maps.remove(list, prefix)?,
-        Some(exp) => maps.upsert(list, prefix, kernel_expiry(exp))?,
-    }
-    Ok(())
-}
-
 /// Set by SIGINT/SIGTERM while [`DeferSignals`] is alive.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -126,10 +106,14 @@ impl DeferSignals {
     }
 
     fn check(&self) -> anyhow::Result<()> {
-        if INTERRUPTED.load(Ordering::Relaxed) {
+        if self.interrupted() {
             bail!("interrupted; nothing was changed");
         }
         Ok(())
+    }
+
+    fn interrupted(&self) -> bool {
+        INTERRUPTED.load(Ordering::Relaxed)
     }
 }
 
@@ -142,62 +126,31 @@ impl Drop for DeferSignals {
     }
 }
 
-/// Apply claims (or releases) in one transaction, pushing each entry's new state to the kernel.
-/// `plan` lists the prefixes to change, read inside the transaction. On any failure, or SIGINT,
-/// the kernel entries already pushed go back to their previous state and the transaction rolls
-/// back: the command changes nothing.
+/// Apply claims (or releases) as the CLI, in one transaction (see [`control::apply`]). SIGINT
+/// undoes what was pushed: the command changes nothing.
 fn apply(
     pins: &PinDir,
     store: &mut Store,
     list: List,
     plan: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<Vec<Prefix>, StoreError>,
-    mut change: impl FnMut(
-        &mut crate::store::Tx<'_>,
-        &Prefix,
-    ) -> Result<Option<Option<i64>>, StoreError>,
+    change: impl FnMut(&mut crate::store::Tx<'_>, &Prefix) -> Result<Option<Option<i64>>, StoreError>,
     audit: (&str, String),
 ) -> anyhow::Result<usize> {
     let maps = loaded_maps(pins);
     let signals = DeferSignals::new();
-    expire(maps.as_ref(), store)?;
-    let mut pushed: Vec<(Prefix, Option<Option<i64>>)> = Vec::new();
-    let mut bar = None;
-    let result = store.write(|tx| {
-        let prefixes = plan(tx)?;
-        bar = progress(prefixes.len());
-        for prefix in &prefixes {
-            signals.check()?;
-            let before = tx.effective(list, prefix)?;
-            let after = change(tx, prefix)?;
-            // Pushed even when the database did not change, so a kernel entry lost to an
-            // earlier failure comes back.
-            if let Some(maps) = &maps {
-                pushed.push((*prefix, before));
-                push(maps, list, prefix, after)?;
-            }
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-        }
-        tx.audit(OWNER_CLI, audit.0, &audit.1)?;
-        Ok::<_, anyhow::Error>(prefixes.len())
-    });
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    let changed = match result {
-        Ok(n) => n,
-        Err(err) => {
-            if let Some(maps) = &maps {
-                for (prefix, before) in pushed.iter().rev() {
-                    if let Err(undo) = push(maps, list, prefix, *before) {
-                        tracing::error!(%prefix, %undo, "could not undo a kernel change; `apifilter attach` resyncs the kernel with the database");
-                    }
-                }
-            }
-            return Err(err);
-        }
-    };
+    let changed = control::apply(
+        maps.as_ref(),
+        store,
+        Change {
+            list,
+            actor: OWNER_CLI,
+            action: audit.0,
+            detail: audit.1,
+        },
+        plan,
+        change,
+        &|| signals.interrupted(),
+    )?;
     if maps.is_none() {
         eprintln!(
             "note: the filter is not loaded under {}; the change is stored and applies on `apifilter attach`",
@@ -243,35 +196,6 @@ pub fn reconcile(maps: &Maps, tx: &mut crate::store::Tx<'_>) -> anyhow::Result<(
         }
     }
     Ok((updated, removed))
-}
-
-/// Drop claims whose TTL ran out and remove entries left without a live owner from the kernel
-/// (which already ignores them; this keeps the tables and `list` tidy).
-fn expire(maps: Option<&Maps>, store: &mut Store) -> anyhow::Result<()> {
-    store.write(|tx| {
-        for (list, prefix) in tx.purge_expired(unix_ms())? {
-            let effective = tx.effective(list, &prefix)?;
-            if let Some(maps) = maps {
-                push(maps, list, &prefix, effective)?;
-            }
-        }
-        Ok::<_, anyhow::Error>(())
-    })
-}
-
-fn progress(len: usize) -> Option<indicatif::ProgressBar> {
-    if len < 10_000 || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(len as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{bar:40}] {pos}/{len} entries ({per_sec}, {eta} left)",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    Some(bar)
 }
 
 fn check_everything(prefixes: &[Prefix], force: bool) -> anyhow::Result<()> {
