@@ -64,6 +64,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ratelimit(cmd) => ratelimit(&pins, state, cmd),
         Command::Mode { mode } => set_mode(&pins, state, mode),
         Command::Stats { json, watch } => stats::run(&pins, json, watch),
+        Command::Run { config } => crate::daemon::run(&pins, state, &config),
+        Command::CheckConfig { config } => crate::daemon::check_config(&config),
     }
 }
 
@@ -103,13 +105,6 @@ impl DeferSignals {
         let previous =
             [libc::SIGINT, libc::SIGTERM].map(|sig| (sig, unsafe { libc::signal(sig, handler) }));
         Self { previous }
-    }
-
-    fn check(&self) -> anyhow::Result<()> {
-        if self.interrupted() {
-            bail!("interrupted; nothing was changed");
-        }
-        Ok(())
     }
 
     fn interrupted(&self) -> bool {
@@ -215,31 +210,63 @@ fn attach(
     caps: &Capacities,
 ) -> anyhow::Result<()> {
     require_root("attach")?;
+    let mut store = Store::open(state)?;
+    let signals = DeferSignals::new();
+    attach_ifaces(
+        pins,
+        &mut store,
+        ifaces,
+        mode,
+        caps,
+        OWNER_CLI,
+        &|| signals.interrupted(),
+        &mut |line| println!("{line}"),
+    )
+}
+
+/// Load the filter if needed, bring the kernel in line with the database, and attach `ifaces`
+/// (those already attached are left alone). All or nothing: on failure, what this call attached
+/// is detached again, and a program it loaded is unloaded. `say` gets one line per step.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site each in the CLI and the daemon"
+)]
+pub fn attach_ifaces(
+    pins: &PinDir,
+    store: &mut Store,
+    ifaces: &[String],
+    mode: AttachMode,
+    caps: &Capacities,
+    actor: &str,
+    interrupted: &dyn Fn() -> bool,
+    say: &mut dyn FnMut(String),
+) -> anyhow::Result<()> {
     // Check every name first, so a typo attaches nothing.
     for iface in ifaces {
         loader::ifindex(iface)?;
     }
-    let mut store = Store::open(state)?;
-    let signals = DeferSignals::new();
+    let state = store.path().to_owned();
     let fresh = loader::ensure_loaded(pins, caps)?;
     let maps = Maps::open(pins)?;
     let mut attached_now = Vec::new();
     let result = store.write(|tx| {
         let (updated, removed) = reconcile(&maps, tx)?;
         if updated + removed > 0 {
-            println!(
+            say(format!(
                 "kernel synced with {}: {updated} entries restored or corrected, {removed} removed",
-                state.join("state.db").display()
-            );
+                state.display()
+            ));
         }
         let recorded = tx.read().interfaces()?;
         for iface in ifaces {
-            signals.check()?;
+            if interrupted() {
+                bail!("interrupted; nothing was changed");
+            }
             let ifindex = loader::ifindex(iface)?;
             if pins.link(iface).exists() {
                 let was = recorded.iter().find(|(n, _, _)| n == iface).map(|(_, _, i)| *i);
                 if was.is_none_or(|was| was == ifindex) {
-                    println!("{iface}: already attached");
+                    say(format!("{iface}: already attached"));
                     continue;
                 }
                 // Deleting an interface detaches its XDP link; the pin outlives it. A new
@@ -251,8 +278,8 @@ fn attach(
             attached_now.push(iface.clone());
             maps.assign_slot(ifindex)?;
             tx.set_interface(iface, &used.to_string(), ifindex)?;
-            tx.audit(OWNER_CLI, "attach", &format!("{iface} mode={used}"))?;
-            println!("{iface}: attached ({used} mode)");
+            tx.audit(actor, "attach", &format!("{iface} mode={used}"))?;
+            say(format!("{iface}: attached ({used} mode)"));
         }
         Ok::<_, anyhow::Error>(())
     });
@@ -269,7 +296,8 @@ fn attach(
     Ok(())
 }
 
-fn apply_settings(maps: &Maps, s: &Settings) -> anyhow::Result<()> {
+/// Push the mode and rate limit to the kernel.
+pub fn apply_settings(maps: &Maps, s: &Settings) -> anyhow::Result<()> {
     let mut ports: &[u16] = &[];
     maps.update_config(|c| {
         c.flags &= !(m::CFG_MONITOR | m::CFG_RL_ENABLED | m::CFG_RL_PORTS | m::CFG_RL_SYN_ONLY);

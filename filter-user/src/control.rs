@@ -181,6 +181,15 @@ struct Inner {
     maps: Option<Maps>,
 }
 
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("pins", &self.pins.root())
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Control {
     /// Open the state database and, when the filter is loaded, its pinned maps.
     pub fn open(pins: PinDir, state_dir: &Path) -> Result<Self, ControlError> {

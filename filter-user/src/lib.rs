@@ -13,6 +13,8 @@ pub mod feeds;
 pub mod formats;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
+pub mod observe;
 pub mod proxy;
 pub mod stats;
 pub mod store;

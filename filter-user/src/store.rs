@@ -226,6 +226,11 @@ impl Store {
         Ok(out)
     }
 
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Read queries on the database (outside any write transaction).
     pub fn read(&self) -> Reader<'_> {
         Reader {
