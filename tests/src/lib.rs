@@ -5,6 +5,7 @@
 //! - `model`: a host implementation of `filter_common::Tables` for differential checks.
 //! - `netns`: RAII network namespaces and veth pairs.
 
+pub mod daemon;
 pub mod model;
 pub mod netns;
 pub mod packet;
