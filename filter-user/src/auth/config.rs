@@ -446,7 +446,7 @@ impl AuthConfig {
         }
         for (i, r) in self.routes.iter().enumerate() {
             r.validate()
-                .map_err(|e| prefixed(&format!("route[{i}]"), e))?;
+                .map_err(|e| prefixed(&format!("routes[{i}]"), e))?;
         }
         if let Some(rl) = &self.rate_limit {
             if let Some(r) = &rl.per_identity {
@@ -555,8 +555,8 @@ impl JwtKeyConfig {
                         "`kid` and `alg` belong to a key file; JWKS keys carry their own",
                     ));
                 }
-                if self.refresh < Duration::from_secs(10) {
-                    return Err(Invalid::new("refresh", "must be at least 10s"));
+                if self.refresh < Duration::from_secs(1) {
+                    return Err(Invalid::new("refresh", "must be at least 1s"));
                 }
                 if self.min_refresh < Duration::from_secs(1) || self.min_refresh > self.refresh {
                     return Err(Invalid::new("min_refresh", "must be 1s to `refresh`"));

@@ -155,6 +155,12 @@ impl Introspector {
         serde_json::from_slice(&body).map_err(|e| format!("response is not JSON: {e}"))
     }
 
+    /// Answers held.
+    #[cfg(test)]
+    pub(super) fn cached(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Drop answers that have run out.
     pub(super) fn purge(&self, now: Instant) {
         self.cache
