@@ -64,8 +64,9 @@ pub struct ApiKeySource {
     /// Request header carrying the key; `""` = keys are not read from a header.
     #[serde(default = "default_api_key_header")]
     pub header: String,
-    /// Query parameter carrying the key; absent = keys are not read from the query. Keys in URLs
-    /// end up in access logs, so prefer the header.
+    /// Query parameter carrying the key; absent = keys are not read from the query. The value is
+    /// form-decoded (`%2B` is `+`, a bare `+` is a space). Keys in URLs end up in access logs, so
+    /// prefer the header; the header wins when both are present.
     #[serde(default)]
     pub query: Option<String>,
 }
@@ -155,7 +156,8 @@ pub struct JwtConfig {
     /// Revoked token ids (`jti`).
     #[serde(default)]
     pub revoked_jti: Vec<String>,
-    /// A file of revoked token ids, one per line (`#` comments); re-read when it changes.
+    /// A file of revoked token ids, one per line (`#` comments); re-read when it changes (checked
+    /// every 30 s).
     #[serde(default)]
     pub revoked_jti_file: Option<PathBuf>,
     /// The claim naming the caller.

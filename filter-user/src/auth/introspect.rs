@@ -132,7 +132,11 @@ impl Introspector {
         let mut resp = self
             .client
             .post(&self.endpoint)
-            .basic_auth(&self.client_id, Some(&self.client_secret))
+            // RFC 6749 §2.3.1: both halves are form-encoded before they go into basic auth.
+            .basic_auth(
+                form_encode(&self.client_id),
+                Some(form_encode(&self.client_secret)),
+            )
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
@@ -168,6 +172,10 @@ impl Introspector {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, e| e.until > now);
     }
+}
+
+fn form_encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// An active token's identity and `exp`; `None` for an inactive (or unusable) answer.

@@ -85,6 +85,15 @@ pub struct RequestInfo<'a> {
 }
 
 /// The verdict for one request.
+///
+/// Reason ids, stable for logs and metrics:
+/// - 401: `no_credentials`, `bad_api_key`, `bad_authorization` (not `Bearer <token>`),
+///   `bearer_not_accepted`, `jwt_malformed`, `jwt_alg` (`none`, unlisted, or not the key's),
+///   `jwt_unknown_kid`, `jwt_no_key`, `jwt_bad_signature`, `jwt_expired`, `jwt_not_yet_valid`,
+///   `jwt_issuer`, `jwt_audience`, `jwt_claims` (a required claim missing or malformed),
+///   `jwt_invalid`, `revoked`, `token_inactive`, `introspection_failed` (endpoint unreachable or
+///   erroring: refused, not cached).
+/// - 403: `route_denied`, `route_role`, `route_scope`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     /// Forward it.

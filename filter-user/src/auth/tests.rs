@@ -326,6 +326,27 @@ fn validation_errors_name_the_field() {
         ),
         ("api_key = { header = \"bad header\" }", "api_key.header"),
         (
+            "api_key = { header = \"\" }\napi_keys = [{ hash = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\", identity = \"a\" }]",
+            "api_key",
+        ),
+        ("api_key = { query = \"a&b\" }", "api_key.query"),
+        (
+            "[jwt]\nalgorithms = [\"RS256\"]\nkeys = [{ jwks_url = \"https://x\", min_refresh = \"0s\" }]",
+            "jwt.keys[0].min_refresh",
+        ),
+        (
+            "[jwt]\nalgorithms = [\"RS256\"]\nkeys = [{ jwks_url = \"https://x\", kid = \"k\" }]",
+            "jwt.keys[0].jwks_url",
+        ),
+        (
+            "[jwt]\nalgorithms = [\"RS256\"]\nkeys = [{ file = \"/k\" }]\nroles_claim = \"a..b\"",
+            "jwt.roles_claim",
+        ),
+        (
+            "[introspection]\nendpoint = \"https://x\"\nclient_id = \"p\"\nclient_secret = \"s\"\ncache_max = 0",
+            "introspection.cache_max",
+        ),
+        (
             "[jwt]\nalgorithms = [\"RS256\"]\nkeys = [{ file = \"/k.pem\" }]\nleeway = \"10m\"",
             "jwt.leeway",
         ),
@@ -969,6 +990,14 @@ async fn jwks_refreshes_on_its_interval() {
     let hits = server.hits();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(server.hits(), hits);
+    // So it does when an `Auth` is dropped (replaced on reload) while the daemon runs on.
+    let running = CancellationToken::new();
+    let replaced = Auth::new(&cfg, running.clone()).await.unwrap();
+    assert_eq!(server.hits(), hits + 1);
+    drop(replaced);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(server.hits(), hits + 1);
+    assert!(!running.is_cancelled());
 }
 
 // ---------------------------------------------------------------------------------------------
