@@ -218,6 +218,10 @@ pub struct JwtKeyConfig {
     /// HTTP timeout for a JWKS fetch.
     #[serde(default = "default_http_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for the JWKS URL, e.g. an internal identity
+    /// provider's; the built-in web roots stay trusted.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_jwks_refresh() -> Duration {
@@ -256,6 +260,9 @@ pub struct IntrospectionConfig {
     /// HTTP timeout for one introspection.
     #[serde(default = "default_http_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for the endpoint; the built-in web roots stay trusted.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_introspection_ttl() -> Duration {
@@ -568,6 +575,9 @@ impl JwtKeyConfig {
                 }
             }
             (Some(_), None) => {
+                if self.ca_file.is_some() {
+                    return Err(Invalid::new("ca_file", "only used with `jwks_url`"));
+                }
                 if let Some(alg) = self.alg {
                     if alg.family() == AlgorithmFamily::Hmac {
                         return Err(Invalid::new(

@@ -52,10 +52,7 @@ impl Introspector {
             }
             (None, None) => String::new(),
         };
-        let client = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .build()
-            .map_err(|e| AuthError::Http(e.to_string()))?;
+        let client = super::http_client(cfg.timeout, cfg.ca_file.as_deref())?;
         Ok(Self {
             client,
             endpoint: cfg.endpoint.clone(),

@@ -172,10 +172,7 @@ impl JwtVerifier {
                     .map_err(|m| key_err(path, m))?;
                 static_keys.extend(keys.into_iter().map(Arc::new));
             } else if let Some(url) = &k.jwks_url {
-                let client = reqwest::Client::builder()
-                    .timeout(k.timeout)
-                    .build()
-                    .map_err(|e| AuthError::Http(e.to_string()))?;
+                let client = super::http_client(k.timeout, k.ca_file.as_deref())?;
                 jwks.push(Arc::new(Jwks {
                     url: url.clone(),
                     client,

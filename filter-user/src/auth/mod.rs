@@ -207,6 +207,38 @@ pub fn hash_api_key(key: &str) -> String {
     out
 }
 
+/// The HTTP client for a JWKS or introspection endpoint: bounded by `timeout`, trusting the
+/// built-in web roots plus any certificates in `ca_file`, and never following redirects (a
+/// redirect would send introspection credentials, or take keys from, somewhere not configured).
+fn http_client(
+    timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+) -> Result<reqwest::Client, AuthError> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none());
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path).map_err(|source| AuthError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| AuthError::Key {
+            path: path.display().to_string(),
+            message: format!("not PEM certificates: {e}"),
+        })?;
+        if certs.is_empty() {
+            return Err(AuthError::Key {
+                path: path.display().to_string(),
+                message: "holds no certificate".into(),
+            });
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| AuthError::Http(e.to_string()))
+}
+
 fn digest(secret: &[u8]) -> [u8; 32] {
     Sha256::digest(secret).into()
 }

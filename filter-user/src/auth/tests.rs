@@ -284,12 +284,18 @@ impl TestServer {
                 let _ = reader.read_exact(&mut body);
                 let request = head + &String::from_utf8_lossy(&body);
                 h.fetch_add(1, Ordering::SeqCst);
-                let (status, body) = handler(&request);
+                let (status, mut body) = handler(&request);
                 r.lock().unwrap().push(request);
+                // For a redirect, the handler's body is the Location.
+                let mut extra = String::new();
+                if (300..400).contains(&status) {
+                    extra = format!("Location: {body}\r\n");
+                    body.clear();
+                }
                 let _ = write!(
                     conn,
                     "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
-                     Connection: close\r\n\r\n{body}",
+                     {extra}Connection: close\r\n\r\n{body}",
                     body.len()
                 );
             }
@@ -1098,6 +1104,28 @@ async fn introspection_cache_expires_and_is_capped() {
     }
     let cached = a.introspection.as_ref().unwrap().cached();
     assert!(cached <= 2, "{cached} cached answers");
+}
+
+#[tokio::test]
+async fn http_endpoints_do_not_follow_redirects() {
+    let target = introspection_server();
+    let location = format!("{}/introspect", target.url);
+    let redirect = TestServer::start(move |_| (307, location.clone()));
+    let a = auth(&introspection_config(&redirect.url, "")).await;
+    let o = Req::get("/x").bearer("opaque-good").check(&a).await;
+    assert_eq!(unauthenticated(&o), "introspection_failed");
+    assert_eq!((redirect.hits(), target.hits()), (1, 0));
+}
+
+#[tokio::test]
+async fn a_missing_ca_file_is_an_error() {
+    let cfg = introspection_config("https://127.0.0.1:1", "ca_file = \"/nonexistent/ca.pem\"");
+    let err = Auth::new(&cfg, CancellationToken::new()).await.unwrap_err();
+    assert!(matches!(err, AuthError::Read { .. }), "{err}");
+    let bad = Keys::get().path("rsa.pub.pem");
+    let cfg = introspection_config("https://127.0.0.1:1", &format!("ca_file = \"{bad}\""));
+    let err = Auth::new(&cfg, CancellationToken::new()).await.unwrap_err();
+    assert!(matches!(err, AuthError::Key { .. }), "{err}");
 }
 
 #[tokio::test]
