@@ -15,6 +15,8 @@
 //!
 //! Paths must be handed over decoded, with dot segments resolved and without the query (see
 //! [`routes`]); the proxy normalises before it calls in.
+//!
+//! A commented example of the config is `src/auth/testdata/example.toml`; a test keeps it valid.
 
 pub mod config;
 mod introspect;

@@ -1423,3 +1423,15 @@ async fn route_rates_override_the_global_ones() {
         assert!(matches!(o, Outcome::Allow { .. }), "{o:?}");
     }
 }
+
+#[test]
+fn the_documented_example_parses_and_validates() {
+    let text = include_str!("testdata/example.toml");
+    let doc: toml::Table = toml::from_str(text).unwrap();
+    let section = doc["proxy"].as_array().unwrap()[0]["auth"].clone();
+    let cfg: AuthConfig = section.try_into().unwrap();
+    cfg.validate().unwrap();
+    assert_eq!(cfg.routes.len(), 4);
+    assert_eq!(cfg.api_keys.len(), 2);
+    assert!(cfg.jwt.is_some() && cfg.introspection.is_some() && cfg.rate_limit.is_some());
+}
