@@ -258,12 +258,15 @@ impl JwtVerifier {
             return Err("jwt_alg");
         };
         let kid = header.kid.as_deref();
+        // Read before the keys, so a rotation in between leaves the cache entry stale, not wrong.
+        let mut generation = self.generation.load(Ordering::Acquire);
         let mut keys = self.candidates(kid, alg, false);
         if keys.is_empty() && kid.is_some() && !self.jwks.is_empty() {
             // A new kid may be a rotation the JWKS already publishes.
             for source in &self.jwks {
                 source.refresh_for_unknown_kid().await;
             }
+            generation = self.generation.load(Ordering::Acquire);
             keys = self.candidates(kid, alg, false);
         }
         if keys.is_empty() {
@@ -276,7 +279,6 @@ impl JwtVerifier {
                 "jwt_no_key"
             });
         }
-        let generation = self.generation.load(Ordering::Acquire);
         for key in keys {
             match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
                 Ok(data) => return self.accept(d, &data.claims, generation),
