@@ -217,7 +217,8 @@ pub struct BlockArgs {
     /// Note stored with the entry. Example: "credential stuffing"
     #[arg(long, value_name = "TEXT")]
     pub comment: Option<String>,
-    /// Accept a /0 prefix (it blocks every source).
+    /// Accept a /0 prefix (it blocks every source), or a prefix covering an address an operator
+    /// is connected from over SSH.
     #[arg(long)]
     pub force: bool,
 }
@@ -242,7 +243,8 @@ pub struct ImportArgs {
     /// new ones are in, so nothing blinks out).
     #[arg(long)]
     pub replace: bool,
-    /// Accept /0 prefixes in the list.
+    /// Accept /0 prefixes in the list, and prefixes covering an address an operator is
+    /// connected from over SSH.
     #[arg(long)]
     pub force: bool,
 }

@@ -194,10 +194,19 @@ pub fn reconcile(maps: &Maps, tx: &mut crate::store::Tx<'_>) -> anyhow::Result<(
 }
 
 fn check_everything(prefixes: &[Prefix], force: bool) -> anyhow::Result<()> {
-    if let Some(p) = prefixes.iter().find(|p| p.is_everything())
-        && !force
-    {
+    if force {
+        return Ok(());
+    }
+    if let Some(p) = prefixes.iter().find(|p| p.is_everything()) {
         bail!("refusing {p}: a /0 prefix matches every source; pass --force if you mean it");
+    }
+    if let Some((p, addr)) =
+        crate::lockout::would_lock_out(prefixes, &crate::lockout::operator_addresses())
+    {
+        bail!(
+            "refusing {p}: it covers {addr}, which an operator is connected from over SSH; \
+             allowlist your management addresses, or pass --force if you mean it"
+        );
     }
     Ok(())
 }

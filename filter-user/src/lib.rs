@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod feeds;
 pub mod formats;
 pub mod loader;
+pub mod lockout;
 pub mod maps;
 pub mod metrics;
 pub mod observe;
