@@ -158,7 +158,7 @@ fn read_file(path: &Path, max_bytes: u64) -> Result<Fetched, FeedError> {
         return Err(FeedError::TooBig { max_bytes });
     }
     let mut bytes = Vec::with_capacity(before.len as usize);
-    file.take(max_bytes + 1)
+    file.take(max_bytes.saturating_add(1))
         .read_to_end(&mut bytes)
         .map_err(file_err)?;
     if bytes.len() as u64 > max_bytes {

@@ -48,6 +48,12 @@ pub const FILE_POLL: Duration = Duration::from_secs(2);
 pub const BACKOFF_FIRST: Duration = Duration::from_secs(30);
 /// Bad lines quoted in a "garbage" error; parsing stops at this many.
 const MAX_BAD_LINES: usize = 5;
+/// Longest `interval`: a feed refreshed more rarely is not a feed.
+const MAX_INTERVAL: Duration = Duration::from_secs(7 * 86_400);
+/// Longest `ttl` (keeps expiry arithmetic far from overflow).
+const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 86_400);
+/// Longest `timeout`.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Longest feed name (it appears in owners, cursor keys, logs and metric labels).
 const MAX_NAME_LEN: usize = 64;
 
@@ -78,7 +84,8 @@ pub struct FeedConfig {
     /// IPv6 prefixes shorter than this are dropped.
     #[serde(default = "default_min_v6")]
     pub min_prefix_v6: u8,
-    /// A refresh that would shrink the feed by more than this share (0–1] is refused.
+    /// A refresh that would shrink the feed by more than this share (0–1] is refused (except
+    /// the first one after a change of URL, format, minimum prefixes, headers or allowlist).
     #[serde(default = "default_max_shrink")]
     pub max_shrink: f64,
     /// Limit on one fetch, connection to last byte.
@@ -215,8 +222,8 @@ impl FeedConfig {
                 ));
             }
         }
-        if self.interval < Duration::from_secs(1) {
-            return Err(Invalid::new("interval", "must be at least 1s"));
+        if self.interval < Duration::from_secs(1) || self.interval > MAX_INTERVAL {
+            return Err(Invalid::new("interval", "must be 1s to 7days"));
         }
         if let Some(ttl) = self.ttl
             && ttl <= self.interval * 2
@@ -225,6 +232,9 @@ impl FeedConfig {
                 "ttl",
                 "must be more than twice interval, or entries expire between refreshes",
             ));
+        }
+        if self.ttl.is_some_and(|ttl| ttl > MAX_TTL) {
+            return Err(Invalid::new("ttl", "must be at most 10years"));
         }
         if self.max_entries == 0 {
             return Err(Invalid::new("max_entries", "must be at least 1"));
@@ -241,8 +251,8 @@ impl FeedConfig {
                 "must be more than 0 and at most 1 (1 = any shrink is accepted)",
             ));
         }
-        if self.timeout < Duration::from_millis(100) {
-            return Err(Invalid::new("timeout", "must be at least 100ms"));
+        if self.timeout < Duration::from_millis(100) || self.timeout > MAX_TIMEOUT {
+            return Err(Invalid::new("timeout", "must be 100ms to 1h"));
         }
         if self.max_bytes == 0 {
             return Err(Invalid::new("max_bytes", "must be at least 1"));
@@ -526,9 +536,15 @@ impl Feed {
         })
         .await?;
         let fp = fingerprint(&self.cfg, &allowlist);
-        let validators = cursor
+        let cursor = cursor
             .as_deref()
-            .and_then(|c| serde_json::from_str::<Cursor>(c).ok())
+            .and_then(|c| serde_json::from_str::<Cursor>(c).ok());
+        // The shrink limit guards against a source going bad, not against the operator: after a
+        // change of URL, settings or allowlist, the new list is what was asked for.
+        let same_source = cursor
+            .as_ref()
+            .is_some_and(|c| c.url == self.cfg.url && c.fingerprint == fp);
+        let validators = cursor
             .filter(|c| c.url == self.cfg.url && c.fingerprint == fp && c.entries == held.len())
             .filter(|_| !source.is_file())
             .map(|c| Validators {
@@ -559,7 +575,7 @@ impl Feed {
                 bytes, validators, ..
             } => {
                 let cfg = self.cfg.clone();
-                let held_len = held.len();
+                let held_len = if same_source { held.len() } else { 0 };
                 let outcome = blocking(ctl, move |c| {
                     let text = String::from_utf8(bytes).map_err(|e| {
                         FeedError::Garbage(format!(

@@ -149,6 +149,9 @@ fn bad_values_name_the_feed_field() {
         ("name = \"a/b\"\n", "feed[0].name"),
         ("name = \"x\"\nformat = \"csv\"\n", "csv"),
         ("name = \"x\"\ninterval = \"0s\"\n", "feed[0].interval"),
+        ("name = \"x\"\ninterval = \"8days\"\n", "feed[0].interval"),
+        ("name = \"x\"\nttl = \"11years\"\n", "feed[0].ttl"),
+        ("name = \"x\"\ntimeout = \"2h\"\n", "feed[0].timeout"),
         (
             "name = \"x\"\ninterval = \"1h\"\nttl = \"2h\"\n",
             "feed[0].ttl",
@@ -281,6 +284,40 @@ fn a_failing_refresh_keeps_the_last_good_contents() {
     env.file("list.txt", "198.18.0.1\nnonsense\n");
     let err = refresh(&mut feed, &env.ctl).unwrap_err();
     assert!(err.to_string().contains("line 2"), "{err}");
+}
+
+#[test]
+fn the_shrink_limit_does_not_stand_in_the_operators_way() {
+    let env = Env::new("shrink-settings");
+    let list: String = (0..10).map(|i| format!("198.18.{i}.0/24\n")).collect();
+    let path = env.file("list.txt", &(list + "198.18.100.1\n"));
+    let cfg = FeedConfig::new("f", &file_url(&path));
+    refresh(&mut Feed::new(cfg.clone()), &env.ctl).unwrap();
+    assert_eq!(env.held("f").len(), 11);
+    // Raising the minimum drops 10 of 11 entries: asked for, so applied.
+    let mut strict = cfg.clone();
+    strict.min_prefix_v4 = 32;
+    let mut feed = Feed::new(strict);
+    refresh(&mut feed, &env.ctl).unwrap();
+    assert_eq!(env.held("f"), ["198.18.100.1"]);
+    // With the same settings, a list that loses most of its entries is refused.
+    env.file("list.txt", "198.18.100.1\n");
+    let mut feed = Feed::new(cfg.clone());
+    refresh(&mut feed, &env.ctl).unwrap();
+    env.file(
+        "list.txt",
+        "198.18.100.1\n198.18.100.2\n198.18.100.3\n198.18.100.4\n",
+    );
+    refresh(&mut feed, &env.ctl).unwrap();
+    env.file("list.txt", "198.18.100.1\n");
+    let err = refresh(&mut feed, &env.ctl).unwrap_err();
+    assert_eq!(err.kind(), "shrink", "{err}");
+    assert_eq!(env.held("f").len(), 4);
+    // A new URL is a new source.
+    let other = env.file("other.txt", "198.18.200.1\n");
+    let mut feed = Feed::new(FeedConfig::new("f", &file_url(&other)));
+    refresh(&mut feed, &env.ctl).unwrap();
+    assert_eq!(env.held("f"), ["198.18.200.1"]);
 }
 
 #[test]
