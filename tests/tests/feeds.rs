@@ -298,6 +298,7 @@ fn https_feed_trusts_its_private_ca_and_nothing_else() {
     server.set(Behaviour::Serve(list.into()));
     let mut trusted = feed("trusted", &server.url());
     trusted.ca_file = server.ca_file.clone();
+    trusted.ttl = Some(Duration::from_secs(3600));
     let untrusted = feed("untrusted", &server.url());
     fx.run(vec![trusted, untrusted]);
     wait("the list in the kernel", || fx.kernel() == set(list));
@@ -312,6 +313,12 @@ fn https_feed_trusts_its_private_ca_and_nothing_else() {
     );
     for (entry, owners, _) in fx.listed() {
         assert_eq!(owners, ["feed:trusted"], "{entry}");
+    }
+    // The TTL reaches the kernel as an absolute expiry on the boot clock.
+    let now = filter_user::clock::boot_ns();
+    for e in fx.maps.entries().unwrap() {
+        let left = e.value.expires_ns.saturating_sub(now) / 1_000_000_000;
+        assert!((3500..=3600).contains(&left), "{}: {left} s left", e.prefix);
     }
 }
 
