@@ -481,6 +481,8 @@ pub enum Outcome {
         too_short: usize,
         /// Dropped as allowlisted.
         allowlisted: usize,
+        /// Kept, though containing an allowlisted prefix.
+        covers_allowlist: usize,
     },
 }
 
@@ -611,15 +613,24 @@ impl Feed {
                         replaced,
                         too_short: prepared.too_short,
                         allowlisted: prepared.allowlisted,
+                        covers_allowlist: prepared.covers_allowlist,
                     })
                 })
                 .await?;
                 if let Outcome::Applied {
                     too_short,
                     allowlisted,
+                    covers_allowlist,
                     ..
                 } = outcome
                 {
+                    if covers_allowlist > 0 {
+                        tracing::info!(
+                            feed = %self.cfg.name,
+                            covers_allowlist,
+                            "feed lists prefixes around allowlisted sources; kept them, the allowlisted sources still pass"
+                        );
+                    }
                     if too_short > 0 {
                         tracing::warn!(
                             feed = %self.cfg.name,
