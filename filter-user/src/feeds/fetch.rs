@@ -97,7 +97,7 @@ impl Source {
             .build()
             .map_err(|e| FeedError::Setup(format!("HTTP client: {e}")))?;
         let mut headers = HeaderMap::new();
-        for (k, v) in &cfg.headers {
+        for (k, v) in cfg.headers.iter() {
             let name = HeaderName::try_from(k.as_str())
                 .map_err(|e| FeedError::Setup(format!("header {k:?}: {e}")))?;
             let mut value = HeaderValue::try_from(v.as_str())

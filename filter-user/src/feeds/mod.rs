@@ -96,10 +96,37 @@ pub struct FeedConfig {
     pub max_bytes: u64,
     /// Extra HTTP request headers, e.g. `{ Authorization = "Bearer ..." }`.
     #[serde(default)]
-    pub headers: BTreeMap<String, String>,
+    pub headers: Headers,
     /// PEM file of CA certificates to trust for this feed besides the built-in roots (https only).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+/// Extra request headers of a feed. Their values are often credentials, so `Debug` (and so any
+/// log of the config) shows the names only.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq, Hash)]
+#[serde(transparent)]
+pub struct Headers(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "<redacted>")))
+            .finish()
+    }
+}
+
+impl std::ops::Deref for Headers {
+    type Target = BTreeMap<String, String>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Headers {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 fn default_interval() -> Duration {
@@ -139,7 +166,7 @@ impl FeedConfig {
             max_shrink: default_max_shrink(),
             timeout: default_timeout(),
             max_bytes: default_max_bytes(),
-            headers: BTreeMap::new(),
+            headers: Headers::default(),
             ca_file: None,
         }
     }
@@ -208,7 +235,7 @@ impl FeedConfig {
         if self.ca_file.is_some() && url.scheme() != "https" {
             return Err(Invalid::new("ca_file", "only for https:// feeds"));
         }
-        for (k, v) in &self.headers {
+        for (k, v) in self.headers.iter() {
             if reqwest::header::HeaderName::try_from(k.as_str()).is_err() {
                 return Err(Invalid::new(
                     "headers",

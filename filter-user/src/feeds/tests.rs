@@ -134,6 +134,11 @@ ca_file = "/etc/apifilter/ca.pem"
     assert_eq!(f.interval, Duration::from_secs(600));
     assert_eq!(f.ttl, Some(Duration::from_secs(86_400)));
     assert_eq!(f.headers["Authorization"], "Bearer x");
+    let debug = format!("{f:?}");
+    assert!(
+        debug.contains("Authorization") && !debug.contains("Bearer x"),
+        "header values stay out of logs: {debug}"
+    );
     assert_eq!(
         f.ca_file.as_deref(),
         Some(Path::new("/etc/apifilter/ca.pem"))
