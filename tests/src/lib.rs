@@ -4,8 +4,10 @@
 //! - `packet`: a frame builder for IPv4/IPv6, VLAN tags, TCP/UDP/ICMP.
 //! - `model`: a host implementation of `filter_common::Tables` for differential checks.
 //! - `netns`: RAII network namespaces and veth pairs.
+//! - `feedserver`: a blocklist feed server (HTTP and HTTPS) on loopback that a test drives.
 
 pub mod daemon;
+pub mod feedserver;
 pub mod model;
 pub mod netns;
 pub mod packet;
