@@ -4,7 +4,9 @@
 //! - `packet`: a frame builder for IPv4/IPv6, VLAN tags, TCP/UDP/ICMP.
 //! - `model`: a host implementation of `filter_common::Tables` for differential checks.
 //! - `netns`: RAII network namespaces and veth pairs.
+//! - `crowdsec`: a real CrowdSec Local API on loopback, and the bouncer run in-process.
 
+pub mod crowdsec;
 pub mod model;
 pub mod netns;
 pub mod packet;
