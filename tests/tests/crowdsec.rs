@@ -79,7 +79,7 @@ impl Node {
     }
 
     /// Entries the bouncer owns, with their remaining TTL in seconds.
-    fn from_crowdsec(&self) -> BTreeMap<String, i64> {
+    fn crowdsec_held(&self) -> BTreeMap<String, i64> {
         self.blocked()
             .into_iter()
             .filter(|(_, r)| owners(r).contains(&"crowdsec".to_owned()))
@@ -214,9 +214,9 @@ fn bouncer_follows_the_lapi_from_startup_through_deltas() {
 
     let bouncer = Bouncer::start(&node.inst, &config(&lapi, &key, ""));
     wait_until("the startup pull", FOLLOW, || {
-        node.from_crowdsec().len() == 4 && bouncer.metrics.connected.get() == 1
+        node.crowdsec_held().len() == 4 && bouncer.metrics.connected.get() == 1
     });
-    let held = node.from_crowdsec();
+    let held = node.crowdsec_held();
     assert_eq!(
         held.keys().collect::<Vec<_>>(),
         [
@@ -259,15 +259,15 @@ fn bouncer_follows_the_lapi_from_startup_through_deltas() {
         "45m",
     ]);
     wait_until("a new decision", FOLLOW, || {
-        node.from_crowdsec().contains_key("198.18.1.6")
+        node.crowdsec_held().contains_key("198.18.1.6")
     });
-    assert_ttl(&node.from_crowdsec(), "198.18.1.6", 45 * 60);
+    assert_ttl(&node.crowdsec_held(), "198.18.1.6", 45 * 60);
     node.assert_dropped(v4(1, 6));
 
     // A longer decision on the same value extends it; a shorter one changes nothing.
     lapi.cs(&["decisions", "add", "--ip", "198.18.1.6", "--duration", "5h"]);
     wait_until("the longer decision", FOLLOW, || {
-        node.from_crowdsec()
+        node.crowdsec_held()
             .get("198.18.1.6")
             .is_some_and(|t| *t > 4 * 3600)
     });
@@ -280,21 +280,21 @@ fn bouncer_follows_the_lapi_from_startup_through_deltas() {
         "10m",
     ]);
     std::thread::sleep(Duration::from_secs(3));
-    assert_ttl(&node.from_crowdsec(), "198.18.1.6", 5 * 3600);
+    assert_ttl(&node.crowdsec_held(), "198.18.1.6", 5 * 3600);
 
     // Delta: a deletion.
     lapi.cs(&["decisions", "delete", "--ip", "198.18.1.2"]);
     wait_until("a deleted decision", FOLLOW, || {
-        !node.from_crowdsec().contains_key("198.18.1.2")
+        !node.crowdsec_held().contains_key("198.18.1.2")
     });
     node.assert_delivered(v4(1, 2));
-    assert_eq!(node.from_crowdsec().len(), 4);
+    assert_eq!(node.crowdsec_held().len(), 4);
     assert_eq!(bouncer.errors("pull"), 0);
 
     // The section goes away on reload: every entry the bouncer held is released.
     bouncer.reload("");
     wait_until("release on section removal", FOLLOW, || {
-        node.from_crowdsec().is_empty()
+        node.crowdsec_held().is_empty()
     });
     node.assert_delivered(v4(1, 9));
 }
@@ -311,7 +311,7 @@ fn bouncer_rides_out_a_lapi_outage() {
     lapi.cs(&["decisions", "add", "--ip", "198.18.1.3", "--duration", "1h"]);
     let bouncer = Bouncer::start(&node.inst, &config(&lapi, &key, ""));
     wait_until("the startup pull", FOLLOW, || {
-        node.from_crowdsec().len() == 2
+        node.crowdsec_held().len() == 2
     });
     let kept_since = claimed_at(&bouncer.ctl, "198.18.1.2").expect("claimed");
 
@@ -324,14 +324,14 @@ fn bouncer_rides_out_a_lapi_outage() {
     std::thread::sleep(Duration::from_secs(3));
     // While the LAPI is unreachable nothing changes here.
     assert_eq!(
-        node.from_crowdsec().keys().collect::<Vec<_>>(),
+        node.crowdsec_held().keys().collect::<Vec<_>>(),
         ["198.18.1.2", "198.18.1.3"]
     );
     node.assert_dropped(v4(1, 3));
 
     lapi.move_to(home);
     wait_until("the pull after the outage", Duration::from_secs(40), || {
-        let held = node.from_crowdsec();
+        let held = node.crowdsec_held();
         // The kept entry is there at every look.
         assert!(held.contains_key("198.18.1.2"), "198.18.1.2 blinked out");
         held.keys().collect::<Vec<_>>() == ["198.18.1.2", "198.18.1.5"]
@@ -342,7 +342,7 @@ fn bouncer_rides_out_a_lapi_outage() {
         Some(kept_since),
         "the kept entry was released and claimed again"
     );
-    assert_ttl(&node.from_crowdsec(), "198.18.1.5", 2 * 3600);
+    assert_ttl(&node.crowdsec_held(), "198.18.1.5", 2 * 3600);
     node.assert_dropped(v4(1, 2));
     node.assert_dropped(v4(1, 5));
     node.assert_delivered(v4(1, 3));
@@ -350,7 +350,7 @@ fn bouncer_rides_out_a_lapi_outage() {
     // Deltas flow again after the reconnect.
     lapi.cs(&["decisions", "delete", "--ip", "198.18.1.5"]);
     wait_until("a deletion after the outage", FOLLOW, || {
-        !node.from_crowdsec().contains_key("198.18.1.5")
+        !node.crowdsec_held().contains_key("198.18.1.5")
     });
 }
 
@@ -383,9 +383,9 @@ fn fleet_sharing_between_two_nodes() {
     a.af(&["block", "198.18.1.5", "--ttl", "1h"]);
     a.af(&["block", "2001:db8:1:1::/64"]);
     wait_until("B to bounce A's bans", FOLLOW, || {
-        b.from_crowdsec().len() == 2
+        b.crowdsec_held().len() == 2
     });
-    let held = b.from_crowdsec();
+    let held = b.crowdsec_held();
     assert_ttl(&held, "198.18.1.5", 3600);
     assert_ttl(&held, "2001:db8:1:1::/64", 2 * 3600);
     b.assert_dropped(v4(1, 5));
@@ -416,12 +416,12 @@ fn fleet_sharing_between_two_nodes() {
     });
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(bouncer_a.metrics.pushes.get(), 0, "A pushed its bans again");
-    assert!(a.from_crowdsec().is_empty(), "A bounces its own pushes");
+    assert!(a.crowdsec_held().is_empty(), "A bounces its own pushes");
 
     // Unblock on A lifts the ban on B.
     a.af(&["unblock", "198.18.1.5"]);
     wait_until("B to drop the lifted ban", FOLLOW, || {
-        !b.from_crowdsec().contains_key("198.18.1.5")
+        !b.crowdsec_held().contains_key("198.18.1.5")
     });
     assert_eq!(bouncer_a.metrics.push_deletes.get(), 1);
     b.assert_delivered(v4(1, 5));
