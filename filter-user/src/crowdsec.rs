@@ -1575,6 +1575,7 @@ async fn bounce(
     let mut next_pull = Instant::now();
     let mut next_push = Instant::now();
     let (mut pull_failures, mut push_failures) = (0u32, 0u32);
+    let mut last_error = String::new();
     loop {
         let push_at = push_every.map(|_| next_push);
         tokio::select! {
@@ -1590,12 +1591,16 @@ async fn bounce(
                             tracing::info!(lapi = %cfg.lapi_url, "CrowdSec LAPI reachable again");
                         }
                         pull_failures = 0;
+                        last_error.clear();
                         next_pull = Instant::now() + cfg.update_frequency;
                     }
                     Err(e) => {
                         let wait = backoff(pull_failures, cfg.update_frequency);
-                        if pull_failures == 0 {
+                        // Once per kind of failure, not once per retry.
+                        let text = e.to_string();
+                        if text != last_error {
                             tracing::warn!(%e, retry_in = ?wait, "CrowdSec pull failed; keeping the entries held");
+                            last_error = text;
                         } else {
                             tracing::debug!(%e, retry_in = ?wait, "CrowdSec pull failed again");
                         }
@@ -2001,6 +2006,27 @@ mod tests {
         let a = alert(&p("198.18.9.9"), "proxy", 1000, "t");
         assert_eq!(a["source"]["ip"], "198.18.9.9");
         assert_eq!(a["decisions"][0]["scope"], "Ip");
+    }
+
+    #[test]
+    fn metrics_are_exposed_under_crowdsec() {
+        let mut registry = prometheus_client::registry::Registry::default();
+        let m = Metrics::new(&mut registry);
+        m.connected.set(1);
+        m.error("pull");
+        m.pushes.inc();
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            "crowdsec_connected 1",
+            "crowdsec_last_pull_timestamp_seconds 0",
+            "crowdsec_decisions 0",
+            "crowdsec_errors_total{op=\"pull\"} 1",
+            "crowdsec_pushes_total 1",
+            "crowdsec_push_deletes_total 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
     }
 
     #[test]
