@@ -101,8 +101,10 @@ pub fn run(scope: Scope) -> Result<()> {
     }
     if scope == Scope::All {
         bpffs()?;
-        packages()?;
+        // First: it repairs a dpkg left half-configured by a failed crowdsec install, which
+        // would make every other apt-get install fail.
         crowdsec()?;
+        packages()?;
     }
     println!("setup: done ({:.1} s)", started.elapsed().as_secs_f64());
     Ok(())
