@@ -269,6 +269,21 @@ impl PushConfig {
     }
 }
 
+/// The URL names this host (`localhost`, 127.0.0.0/8, `::1`).
+fn is_loopback(url: &str) -> bool {
+    let Some(host) = reqwest::Url::parse(url)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+    else {
+        return false;
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
+}
+
 fn valid_header(s: &str) -> bool {
     !s.is_empty() && s.chars().all(|c| c.is_ascii_graphic())
 }
@@ -789,10 +804,16 @@ struct Lapi {
 
 impl Lapi {
     fn new(cfg: &CrowdsecConfig) -> Result<Self, CrowdsecError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout)
-            .user_agent(USER_AGENT)
+            .user_agent(USER_AGENT);
+        if is_loopback(&cfg.lapi_url) {
+            // As CrowdSec's own Go clients do: a LAPI on this host is never reached through
+            // an HTTP(S)_PROXY from the environment.
+            builder = builder.no_proxy();
+        }
+        let http = builder
             .build()
             .map_err(|source| CrowdsecError::Unreachable {
                 url: cfg.lapi_url.clone(),
@@ -2027,6 +2048,15 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn loopback_lapis_bypass_proxies() {
+        assert!(is_loopback("http://127.0.0.1:8080"));
+        assert!(is_loopback("http://localhost:8080/"));
+        assert!(is_loopback("https://[::1]:8080"));
+        assert!(!is_loopback("https://lapi.example.net:8080"));
+        assert!(!is_loopback("http://192.0.2.1:8080"));
     }
 
     #[test]
