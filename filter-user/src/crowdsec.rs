@@ -1227,6 +1227,9 @@ impl Bouncer {
                 return Err(e);
             }
         };
+        // From here on the LAPI has moved this bouncer's stream position: if the answer is not
+        // applied in full, only a full pull can catch up.
+        self.need_startup = true;
         let now = unix_ms();
         let filter = self.filter().await?;
         let cursor = serde_json::to_string(&StreamCursor {
@@ -1242,8 +1245,6 @@ impl Bouncer {
         };
         if let Err(e) = applied {
             self.metrics.error("apply");
-            // What the kernel holds is unknown now: start over from the full set.
-            self.need_startup = true;
             return Err(e);
         }
         if !startup {
@@ -1593,47 +1594,54 @@ async fn bounce(
         }
     };
     let push_every = cfg.push.as_ref().map(|p| p.interval);
-    let mut next_pull = Instant::now();
-    let mut next_push = Instant::now();
-    let (mut pull_failures, mut push_failures) = (0u32, 0u32);
-    let mut last_error = String::new();
-    loop {
-        let push_at = push_every.map(|_| next_push);
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep_until(next_pull) => {
-                // Push first, so the pull already knows the ids of what this node pushed.
-                if push_every.is_some() && next_push <= Instant::now() {
+    let work = async move {
+        let mut next_pull = Instant::now();
+        let mut next_push = Instant::now();
+        let (mut pull_failures, mut push_failures) = (0u32, 0u32);
+        let mut last_error = String::new();
+        loop {
+            let push_at = push_every.map(|_| next_push);
+            tokio::select! {
+                () = tokio::time::sleep_until(next_pull) => {
+                    // Push first, so the pull already knows the ids of what this node pushed.
+                    if push_every.is_some() && next_push <= Instant::now() {
+                        push_round(&mut b, &mut next_push, &mut push_failures, push_every).await;
+                    }
+                    match b.pull().await {
+                        Ok(()) => {
+                            if pull_failures > 0 {
+                                tracing::info!(lapi = %cfg.lapi_url, "CrowdSec LAPI reachable again");
+                            }
+                            pull_failures = 0;
+                            last_error.clear();
+                            next_pull = Instant::now() + cfg.update_frequency;
+                        }
+                        Err(e) => {
+                            let wait = backoff(pull_failures, cfg.update_frequency);
+                            // Once per kind of failure, not once per retry.
+                            let text = e.to_string();
+                            if text != last_error {
+                                tracing::warn!(%e, retry_in = ?wait, "CrowdSec pull failed; keeping the entries held");
+                                last_error = text;
+                            } else {
+                                tracing::debug!(%e, retry_in = ?wait, "CrowdSec pull failed again");
+                            }
+                            pull_failures += 1;
+                            next_pull = Instant::now() + wait;
+                        }
+                    }
+                }
+                () = sleep_until_opt(push_at) => {
                     push_round(&mut b, &mut next_push, &mut push_failures, push_every).await;
                 }
-                match b.pull().await {
-                    Ok(()) => {
-                        if pull_failures > 0 {
-                            tracing::info!(lapi = %cfg.lapi_url, "CrowdSec LAPI reachable again");
-                        }
-                        pull_failures = 0;
-                        last_error.clear();
-                        next_pull = Instant::now() + cfg.update_frequency;
-                    }
-                    Err(e) => {
-                        let wait = backoff(pull_failures, cfg.update_frequency);
-                        // Once per kind of failure, not once per retry.
-                        let text = e.to_string();
-                        if text != last_error {
-                            tracing::warn!(%e, retry_in = ?wait, "CrowdSec pull failed; keeping the entries held");
-                            last_error = text;
-                        } else {
-                            tracing::debug!(%e, retry_in = ?wait, "CrowdSec pull failed again");
-                        }
-                        pull_failures += 1;
-                        next_pull = Instant::now() + wait;
-                    }
-                }
-            }
-            () = sleep_until_opt(push_at) => {
-                push_round(&mut b, &mut next_push, &mut push_failures, push_every).await;
             }
         }
+    };
+    // Stopping mid-request is fine: a change to the filter runs to its end (or not at all) in
+    // its own transaction, and the next start pulls the full set.
+    tokio::select! {
+        () = stop.cancelled() => {}
+        _ = work => {}
     }
 }
 
