@@ -66,8 +66,8 @@ const USER_AGENT: &str = concat!("apifilter/", env!("CARGO_PKG_VERSION"));
 /// Alerts per `POST /v1/alerts`.
 const PUSH_BATCH: usize = 100;
 
-/// `[crowdsec]`.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// `[crowdsec]`. Its `Debug` output hides the bouncer key.
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct CrowdsecConfig {
     /// The Local API, e.g. `http://127.0.0.1:8080`.
@@ -104,8 +104,9 @@ pub struct CrowdsecConfig {
     pub push: Option<PushConfig>,
 }
 
-/// `[crowdsec.push]`: push this node's own bans to the LAPI as decisions.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+/// `[crowdsec.push]`: push this node's own bans to the LAPI as decisions. Its `Debug` output
+/// hides the password.
+#[derive(Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PushConfig {
     /// Machine login; with `password`, instead of `credentials_file`.
@@ -130,6 +131,40 @@ pub struct PushConfig {
     /// Delete the pushed decisions when the ban is removed here.
     #[serde(default = "yes")]
     pub delete_on_unblock: bool,
+}
+
+/// Shown instead of a secret.
+const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for CrowdsecConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrowdsecConfig")
+            .field("lapi_url", &self.lapi_url)
+            .field("api_key", &self.api_key.as_ref().map(|_| REDACTED))
+            .field("api_key_file", &self.api_key_file)
+            .field("update_frequency", &self.update_frequency)
+            .field("timeout", &self.timeout)
+            .field("resync_interval", &self.resync_interval)
+            .field("origins", &self.origins)
+            .field("scenarios_containing", &self.scenarios_containing)
+            .field("scenarios_not_containing", &self.scenarios_not_containing)
+            .field("push", &self.push)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PushConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushConfig")
+            .field("login", &self.login)
+            .field("password", &self.password.as_ref().map(|_| REDACTED))
+            .field("credentials_file", &self.credentials_file)
+            .field("owners", &self.owners)
+            .field("interval", &self.interval)
+            .field("permanent_duration", &self.permanent_duration)
+            .field("delete_on_unblock", &self.delete_on_unblock)
+            .finish()
+    }
 }
 
 fn default_update_frequency() -> Duration {
@@ -1707,6 +1742,21 @@ mod tests {
         assert_eq!(push.owners, ["cli", "proxy"]);
         assert_eq!(push.permanent_duration, Duration::from_secs(4 * 3600));
         assert!(push.delete_on_unblock);
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = cfg(
+            "[crowdsec]\nlapi_url = \"http://127.0.0.1:8080\"\napi_key = \"bouncer-secret\"\n\
+             [crowdsec.push]\nlogin = \"m\"\npassword = \"machine-secret\"\n",
+        )
+        .unwrap();
+        let text = format!("{c:?}");
+        assert!(!text.contains("secret"), "{text}");
+        assert!(
+            text.contains("<redacted>") && text.contains("127.0.0.1:8080"),
+            "{text}"
+        );
     }
 
     #[test]
