@@ -1745,6 +1745,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme.find("## CrowdSec").expect("a CrowdSec section")..];
+        let start = section.find("```toml\n").expect("a TOML example") + 8;
+        let end = start + section[start..].find("```").expect("closed");
+        let c = cfg(&section[start..end]).unwrap().crowdsec.unwrap();
+        assert!(c.api_key_file.is_some());
+        assert!(c.push.unwrap().credentials_file.is_some());
+    }
+
+    #[test]
     fn debug_output_hides_secrets() {
         let c = cfg(
             "[crowdsec]\nlapi_url = \"http://127.0.0.1:8080\"\napi_key = \"bouncer-secret\"\n\
