@@ -5,7 +5,10 @@
 //! - `model`: a host implementation of `filter_common::Tables` for differential checks.
 //! - `netns`: RAII network namespaces and veth pairs.
 //! - `feedserver`: a blocklist feed server (HTTP and HTTPS) on loopback that a test drives.
+//! - `crowdsec`: a real CrowdSec Local API on loopback, and the bouncer run in-process.
+//! - `daemon`: a running `apifilter run`, signalled and killed on drop.
 
+pub mod crowdsec;
 pub mod daemon;
 pub mod feedserver;
 pub mod model;

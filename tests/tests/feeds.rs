@@ -78,7 +78,7 @@ impl Fx {
         Self {
             ctl,
             maps,
-            registry: Registry::default(),
+            registry: Registry::with_prefix("apifilter"),
             config,
             shutdown: CancellationToken::new(),
             runner: None,

@@ -8,6 +8,11 @@
 //! - bpffs mounted at `/sys/fs/bpf` (root only).
 //! - The Debian tools the tests and the demo use (root only; otherwise a hint), including PyJWT
 //!   for the JWT interop test.
+//! - Debian's `crowdsec` (a real CrowdSec Local API for the bouncer tests). Its post-install step
+//!   registers with the online Central API, which fails offline and leaves dpkg half-configured;
+//!   a non-empty `/etc/crowdsec/online_api_credentials.yaml` written first makes it skip that
+//!   step (and repairs an earlier failed install with `dpkg --configure -a`). Nothing is started:
+//!   the tests run their own LAPI on loopback.
 
 use std::{
     collections::HashSet,
@@ -100,6 +105,9 @@ pub fn run(scope: Scope) -> Result<()> {
     }
     if scope == Scope::All {
         bpffs()?;
+        // First: it repairs a dpkg left half-configured by a failed crowdsec install, which
+        // would make every other apt-get install fail.
+        crowdsec()?;
         packages()?;
     }
     println!("setup: done ({:.1} s)", started.elapsed().as_secs_f64());
@@ -365,6 +373,96 @@ fn packages() -> Result<()> {
     }
     println!("setup: packages ok (installed {list})");
     Ok(())
+}
+
+/// The CrowdSec package, installed apart from [`PACKAGES`] (see the module docs).
+const CROWDSEC: &str = "crowdsec";
+/// Its Central API credentials; non-empty means "already registered", so the post-install step
+/// leaves the (unreachable) Central API alone.
+const CROWDSEC_ONLINE_CREDS: &str = "/etc/crowdsec/online_api_credentials.yaml";
+
+/// dpkg's status of one package (`install ok installed`, `install ok half-configured`, ...).
+fn dpkg_status(package: &str) -> Result<Option<String>> {
+    let out = Command::new("dpkg-query")
+        .args(["--show", "--showformat", "${Status}"])
+        .arg(package)
+        .output()
+        .context("running dpkg-query")?;
+    let status = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok(
+        (out.status.success() && !status.is_empty() && !status.contains("not-installed"))
+            .then_some(status),
+    )
+}
+
+fn crowdsec() -> Result<()> {
+    let status = match dpkg_status(CROWDSEC) {
+        Ok(status) => status,
+        Err(err) => {
+            println!(
+                "setup: cannot check the crowdsec package ({err:#}); the CrowdSec tests need it"
+            );
+            return Ok(());
+        }
+    };
+    if status.as_deref() == Some("install ok installed") {
+        println!("setup: crowdsec ok (a Local API for the tests)");
+        return Ok(());
+    }
+    if !is_root() {
+        println!(
+            "setup: crowdsec is missing (the CrowdSec tests run a Local API): as root, write a \
+             comment line to {CROWDSEC_ONLINE_CREDS}, then apt-get install -y crowdsec"
+        );
+        return Ok(());
+    }
+    let creds = Path::new(CROWDSEC_ONLINE_CREDS);
+    if fs::metadata(creds).map(|m| m.len()).unwrap_or(0) == 0 {
+        fs::create_dir_all(creds.parent().expect("absolute path"))
+            .context("creating /etc/crowdsec")?;
+        fs::write(
+            creds,
+            "# No Central API on this machine: the Local API runs offline.\n",
+        )
+        .with_context(|| format!("writing {CROWDSEC_ONLINE_CREDS}"))?;
+    }
+    if status.is_some() {
+        // Unpacked or half-configured by an earlier attempt: finish configuring it.
+        println!(
+            "setup: crowdsec is {}; configuring it",
+            status.unwrap_or_default()
+        );
+        step(
+            "dpkg --configure -a",
+            Command::new("dpkg")
+                .args(["--configure", "-a"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    } else {
+        println!("setup: installing crowdsec");
+        step(
+            "apt-get update",
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        step(
+            "apt-get install crowdsec",
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", CROWDSEC])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    match dpkg_status(CROWDSEC)? {
+        Some(s) if s == "install ok installed" => {
+            println!("setup: crowdsec ok (installed)");
+            Ok(())
+        }
+        other => bail!(
+            "crowdsec is not installed properly after setup (dpkg status: {})",
+            other.unwrap_or_else(|| "not installed".into())
+        ),
+    }
 }
 
 /// The entries of [`PACKAGES`] that dpkg does not report as installed.

@@ -425,23 +425,20 @@ impl Metrics {
             errors: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
         };
+        let registry = registry.sub_registry_with_prefix("feed");
         registry.register(
-            "apifilter_feed_last_success_timestamp_seconds",
+            "last_success_timestamp_seconds",
             "When the feed last refreshed successfully (Unix time)",
             me.last_success.clone(),
         );
+        registry.register("entries", "Entries the feed holds", me.entries.clone());
         registry.register(
-            "apifilter_feed_entries",
-            "Entries the feed holds",
-            me.entries.clone(),
-        );
-        registry.register(
-            "apifilter_feed_errors",
+            "errors",
             "Failed refreshes by kind (the feed kept its last good contents)",
             me.errors.clone(),
         );
         registry.register(
-            "apifilter_feed_refresh_duration_seconds",
+            "refresh_duration_seconds",
             "How long a refresh took, successful or not",
             me.duration.clone(),
         );

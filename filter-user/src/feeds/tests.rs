@@ -575,7 +575,7 @@ fn run_follows_config_changes_and_releases_removed_feeds() {
             Some(("feed:gone", "{}")),
         )
         .unwrap();
-    let mut registry = prometheus_client::registry::Registry::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("apifilter");
     let metrics = Arc::new(Metrics::new(&mut registry));
     let feed = |name: &str, path: &Path| {
         let mut f = FeedConfig::new(name, &file_url(path));
