@@ -29,8 +29,22 @@ impl Daemon {
         Self::start_with(ns, inst, path)
     }
 
+    /// Like [`Daemon::start`], in this process's own network namespace (for a daemon that only
+    /// talks to loopback services here and filters interfaces attached separately).
+    pub fn start_here(inst: &Instance, config: &str) -> Self {
+        let dir = inst.state_dir.join("daemon");
+        std::fs::create_dir_all(&dir).expect("daemon dir");
+        let path = dir.join("apifilter.toml");
+        std::fs::write(&path, config).expect("write config");
+        Self::spawn(inst.cmd(), path)
+    }
+
     /// Start with an existing config file.
     pub fn start_with(ns: &Netns, inst: &Instance, config: PathBuf) -> Self {
+        Self::spawn(ns.apifilter(inst), config)
+    }
+
+    fn spawn(mut cmd: std::process::Command, config: PathBuf) -> Self {
         let log = config.with_file_name(format!(
             "daemon-{}.log",
             std::time::SystemTime::now()
@@ -39,8 +53,7 @@ impl Daemon {
                 .unwrap_or(0)
         ));
         let file = std::fs::File::create(&log).expect("daemon log");
-        let child = ns
-            .apifilter(inst)
+        let child = cmd
             .env("APIFILTER_LOG", "info")
             .args(["--log-format", "json", "run", "--config"])
             .arg(&config)

@@ -484,3 +484,119 @@ fn alerts_warn_when_the_drop_rate_jumps() {
     assert_eq!(alerts.len(), 1, "one alert per jump: {alerts:#?}");
     assert!(d.stop().success());
 }
+
+/// The daemon runs its feeds and its CrowdSec bouncer: a file feed and LAPI decisions (a real
+/// LAPI on loopback, decisions added with `cscli`) end up in the kernel under their owners, a
+/// decision added later is dropped within seconds, and a feed removed by a reload releases its
+/// entries.
+#[test]
+fn daemon_runs_feeds_and_the_crowdsec_bouncer() {
+    use integration_tests::crowdsec::Lapi;
+    let topo = Topology::new();
+    let inst = Instance::new("dfeedcs");
+    // The filter on s0 in the server namespace; the daemon runs here, next to the LAPI on
+    // loopback, and works on the same pins.
+    af_ok(&topo.server, &inst, &["attach", "s0"]);
+    let (from_feed, from_lapi, later, legit) = (v4(1, 3), v4(1, 4), v4(1, 5), v4(1, 2));
+    let feed = inst.state_dir.join("feed.txt");
+    std::fs::write(
+        &feed,
+        format!("# local list\n{from_feed}\n198.18.77.0/24\n"),
+    )
+    .unwrap();
+    let lapi = Lapi::start();
+    let key = lapi.bouncer_key("daemon-test");
+    lapi.cs(&[
+        "decisions",
+        "add",
+        "--ip",
+        &from_lapi.to_string(),
+        "--duration",
+        "1h",
+    ]);
+    let cfg = |with_feed: bool| {
+        let feed_section = if with_feed {
+            format!(
+                "[[feed]]\nname = \"local\"\nurl = \"file://{}\"\n",
+                feed.display()
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "interfaces = []\n{feed_section}\n[crowdsec]\nlapi_url = \"{}\"\napi_key = \"{key}\"\nupdate_frequency = \"1s\"\n",
+            lapi.url()
+        )
+    };
+    let d = Daemon::start_here(&inst, &cfg(true));
+    let owners = |entry: &str| -> Vec<String> {
+        listed(&topo.server, &inst)
+            .iter()
+            .find(|e| e["entry"] == entry)
+            .map(|e| {
+                e["owners"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|o| o.as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !f() {
+            assert!(Instant::now() < deadline, "{what}; log:\n{}", d.log_text());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait("feed and LAPI entries in", &|| {
+        owners(&from_feed.to_string()) == ["feed:local"]
+            && owners(&from_lapi.to_string()) == ["crowdsec"]
+    });
+    assert_eq!(owners("198.18.77.0/24"), ["feed:local"]);
+    let ttl = listed(&topo.server, &inst)
+        .iter()
+        .find(|e| e["entry"] == from_lapi.to_string())
+        .unwrap()["expires_in_secs"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        (3500..=3600).contains(&ttl),
+        "decision duration became the TTL: {ttl}"
+    );
+
+    lapi.cs(&[
+        "decisions",
+        "add",
+        "--ip",
+        &later.to_string(),
+        "--duration",
+        "10m",
+    ]);
+    wait("a later decision arrives", &|| {
+        owners(&later.to_string()) == ["crowdsec"]
+    });
+
+    let sink = Sink::start(&topo.server);
+    for src in [from_feed, from_lapi, later, legit] {
+        let dst = SocketAddr::new(topo.server_addr_for(0, src), sink.udp_port);
+        send_udp(&topo.client, src, dst, 40);
+    }
+    sink.settle();
+    assert_eq!(
+        sink.udp_from(from_feed) + sink.udp_from(from_lapi) + sink.udp_from(later),
+        0
+    );
+    assert_eq!(sink.udp_from(legit), 40);
+
+    // The feed leaves the config: its entries go, CrowdSec's stay.
+    d.write_config(&cfg(false));
+    d.signal(libc::SIGHUP);
+    d.wait_log("config reloaded", Duration::from_secs(10));
+    wait("the removed feed's entries released", &|| {
+        owners(&from_feed.to_string()).is_empty()
+    });
+    assert_eq!(owners(&from_lapi.to_string()), ["crowdsec"]);
+    assert!(d.stop().success());
+}
