@@ -1,9 +1,10 @@
-//! `cargo xtask`: the project's own build, test, lint and demo driver.
+//! `cargo xtask`: the project's own build, test, lint, demo and bench driver.
 //!
 //! Run it from anywhere in the workspace (`cargo xtask <command>`, an alias in `.cargo/config.toml`).
 //! Every command that needs the eBPF toolchain runs `setup` first, which is idempotent and takes
 //! seconds once the toolchain is in place.
 
+mod bench;
 mod cmd;
 mod setup;
 mod tasks;
@@ -41,6 +42,19 @@ enum Command {
     Lint,
     /// Run `setup` and a release build, then the narrated demo in network namespaces (root).
     Demo,
+    /// Run `setup` (plus the peers: nftables, ipset, iptables, clang), a release build, then
+    /// measure apifilter against its peers and write BENCHMARKS.md and BENCHMARKS.json (root).
+    Bench {
+        /// Fewer rounds and shorter floods: a full pass in well under 10 minutes on 2 cores.
+        #[arg(long)]
+        quick: bool,
+        /// Run only these sections (repeatable): kernel, flood, bulk, latency, proxy, memory.
+        #[arg(long, value_enum, value_name = "SECTION")]
+        only: Vec<bench::Section>,
+        /// Where to write BENCHMARKS.md and BENCHMARKS.json (default: the repository root).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +65,9 @@ fn main() -> ExitCode {
         Command::Test { args } => tasks::test(&args).map(|()| ExitCode::SUCCESS),
         Command::Lint => tasks::lint().map(|()| ExitCode::SUCCESS),
         Command::Demo => tasks::demo().map(|()| ExitCode::SUCCESS),
+        Command::Bench { quick, only, out } => {
+            bench::run(&bench::Options { quick, only, out }).map(|()| ExitCode::SUCCESS)
+        }
     };
     result.unwrap_or_else(|err| {
         eprintln!("xtask: error: {err:#}");

@@ -1,0 +1,370 @@
+//! Section 2: a flood over veth, from a generator in one namespace to a receiver in another.
+//!
+//! The generator is `bench_gen` run by BPF_PROG_TEST_RUN in live-frames mode on the generator's
+//! veth: each run rewrites the source (a random host of the first 10k of the blocklist, or one
+//! frame in 16 from a legitimate source) and returns XDP_TX, which hands the frame to the
+//! receiver's veth. The generator thread is pinned to CPU 0; the receiver's NAPI runs threaded,
+//! its kernel thread pinned to CPU 1. The receiver's cost is that thread's CPU time
+//! (`/proc/PID/schedstat`) divided by the frames the receiving veth counted (`rx_packets`), so
+//! other work on the machine does not count against a filter.
+//!
+//! Filters compared, one at a time on the receiver: none (the kernel drops at a closed UDP
+//! port), apifilter native and skb, xdp-filter native, nftables at netdev ingress with a 100k
+//! interval set, and iptables raw with an ipset hash:net of 100k.
+
+use std::{
+    fs, thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp},
+};
+
+use super::{
+    Ctx, kernel,
+    progs::{self, FLOOD_ENTRIES, GEN_ADDR, RX_ADDR},
+    report::Row,
+    sys::{self, Instance, Netns, PEER_NAME, Undo, XdpFilter},
+};
+
+const GEN_IF: &str = "afbg0";
+const RX_IF: &str = "afbr0";
+/// CPUs of the generator and of the receiver's NAPI thread.
+const GEN_CPU: usize = 0;
+const RX_CPU: usize = 1;
+/// Frames per BPF_PROG_TEST_RUN call (each call waits for two RCU grace periods).
+const REPEAT: u32 = 4_000_000;
+
+/// What one flood measured.
+#[derive(Debug, Clone, Copy)]
+struct Flood {
+    /// Frames the receiver processed per second.
+    pps: f64,
+    /// Receiver CPU ns per frame.
+    ns_per_packet: f64,
+}
+
+/// The two namespaces and the veth between them.
+struct Bed {
+    generator: Netns,
+    rx: Netns,
+}
+
+impl Bed {
+    fn new() -> Result<Self> {
+        let generator = Netns::new("gen")?;
+        let rx = Netns::new("rx")?;
+        let mac = |m: [u8; 6]| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        sys::veth(
+            &generator,
+            GEN_IF,
+            &mac(progs::GEN_MAC),
+            &rx,
+            RX_IF,
+            &mac(progs::RX_MAC),
+        )?;
+        generator.ip(&["addr", "add", &format!("{GEN_ADDR}/24"), "dev", GEN_IF])?;
+        rx.ip(&["addr", "add", &format!("{RX_ADDR}/24"), "dev", RX_IF])?;
+        // Replies (ICMP port unreachable, rate-limited by the kernel) go to one gateway, so the
+        // receiver never resolves the flood's sources.
+        rx.ip(&[
+            "neigh",
+            "add",
+            &GEN_ADDR.to_string(),
+            "lladdr",
+            &mac(progs::GEN_MAC),
+            "dev",
+            RX_IF,
+            "nud",
+            "permanent",
+        ])?;
+        rx.ip(&["route", "add", "default", "via", &GEN_ADDR.to_string()])?;
+        rx.sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0")?;
+        rx.sh(&format!("sysctl -qw net.ipv4.conf.{RX_IF}.rp_filter=0"))?;
+        // GRO on the receiver enables its NAPI, without which XDP_TX'd frames vanish; TSO off on
+        // the generator (see TOOLCHAIN.md). Threaded NAPI gives the receiver's work one thread.
+        sys::run(
+            generator
+                .command("ethtool")
+                .args(["-K", GEN_IF, "tso", "off"]),
+        )?;
+        sys::run(rx.command("ethtool").args(["-K", RX_IF, "gro", "on"]))?;
+        rx.sh(&format!("echo 1 > /sys/class/net/{RX_IF}/threaded"))?;
+        Ok(Self { generator, rx })
+    }
+
+    /// Finds the receiver's NAPI thread (it is re-created when an XDP program comes or goes) and
+    /// pins it.
+    fn napi_thread(&self) -> Result<i32> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            if let Some(pid) = sys::find_kthread(&format!("napi/{RX_IF}-")) {
+                sys::pin_task(pid, RX_CPU)?;
+                return Ok(pid);
+            }
+            if Instant::now() > deadline {
+                bail!("no threaded NAPI kernel thread for {RX_IF}");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Floods the receiver for `secs` and measures it.
+    fn flood(&self, ctx: &Ctx, secs: f64) -> Result<Flood> {
+        let napi = self.napi_thread()?;
+        let ifindex = self.generator.ifindex(GEN_IF)?;
+        // A short warm-up, so the first-touch costs (page pools, LRU inserts) are not measured.
+        self.generate(ctx, ifindex, 0.3)?;
+        thread::sleep(Duration::from_millis(100));
+        let rx0 = self.rx.stat(RX_IF, "rx_packets")?;
+        let cpu0 = sys::task_cpu_ns(napi)?;
+        let wall = self.generate(ctx, ifindex, secs)?;
+        // Let the receiver drain its ring.
+        thread::sleep(Duration::from_millis(100));
+        let rx1 = self.rx.stat(RX_IF, "rx_packets")?;
+        let cpu1 = sys::task_cpu_ns(napi)?;
+        let packets = rx1.saturating_sub(rx0);
+        if packets == 0 {
+            bail!("the receiver counted no frames: the generator's frames never arrived");
+        }
+        Ok(Flood {
+            pps: packets as f64 / wall.as_secs_f64(),
+            ns_per_packet: cpu1.saturating_sub(cpu0) as f64 / packets as f64,
+        })
+    }
+
+    /// Runs the generator on its own thread, in the generator's namespace, pinned to
+    /// [`GEN_CPU`], for about `secs`; returns how long it ran.
+    fn generate(&self, ctx: &Ctx, ifindex: u32, secs: f64) -> Result<Duration> {
+        let obj =
+            fs::read(&ctx.gen_obj).with_context(|| format!("reading {}", ctx.gen_obj.display()))?;
+        let ns = self.generator.name.clone();
+        let handle = thread::spawn(move || -> Result<Duration> {
+            sys::enter_netns(&ns)?;
+            sys::pin_thread(GEN_CPU)?;
+            let mut ebpf = Ebpf::load(&obj).context("loading the generator")?;
+            let prog: &mut Xdp = ebpf
+                .program_mut("bench_gen")
+                .context("no bench_gen program")?
+                .try_into()?;
+            prog.load().context("loading bench_gen")?;
+            let frame = progs::udp_frame(progs::LEGIT_SRC, RX_ADDR);
+            // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+            // egress_ifindex.
+            let md: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
+                .iter()
+                .flat_map(|v| v.to_ne_bytes())
+                .collect();
+            let started = Instant::now();
+            let until = Duration::from_secs_f64(secs);
+            while started.elapsed() < until {
+                prog.test_run(TestRunOptions {
+                    data_in: Some(&frame),
+                    ctx_in: Some(&md),
+                    repeat: if secs < 1.0 { REPEAT / 8 } else { REPEAT },
+                    attrs: TestRunAttrs::new().xdp_live_frames(64),
+                    ..TestRunOptions::default()
+                })
+                .context("BPF_PROG_TEST_RUN (live frames) of the generator")?;
+            }
+            Ok(started.elapsed())
+        });
+        handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the generator thread panicked"))?
+    }
+}
+
+/// The flood blocklist, one address per line.
+fn flood_list() -> Vec<String> {
+    (0..FLOOD_ENTRIES)
+        .map(|i| progs::flood_host(i).to_string())
+        .collect()
+}
+
+/// Runs the section.
+pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
+    let secs = if ctx.quick { 3.0 } else { 10.0 };
+    let bed = Bed::new()?;
+    let list = flood_list();
+    let mut results: Vec<(&str, Flood)> = Vec::new();
+    let mut record = |name: &'static str, f: Flood| {
+        println!(
+            "bench: flood: {name}: {:.2} Mpps, {:.0} ns/packet at the receiver",
+            f.pps / 1e6,
+            f.ns_per_packet
+        );
+        results.push((name, f));
+    };
+
+    record("no filter", bed.flood(ctx, secs)?);
+
+    {
+        let inst = Instance::new("flood")?;
+        let file = ctx.work.path.join("flood-list.txt");
+        fs::write(&file, list.join("\n") + "\n")?;
+        sys::run(
+            inst.cmd_in(&bed.rx)
+                .args(["attach", RX_IF, "--mode", "native"]),
+        )?;
+        inst.ok(&["import", &file.to_string_lossy(), "--source", "bench-flood"])?;
+        record("apifilter native", bed.flood(ctx, secs)?);
+        sys::run(inst.cmd_in(&bed.rx).args(["detach", RX_IF]))?;
+        sys::run(
+            inst.cmd_in(&bed.rx)
+                .args(["attach", RX_IF, "--mode", "skb"]),
+        )?;
+        record("apifilter skb", bed.flood(ctx, secs)?);
+    }
+
+    {
+        let _xf = XdpFilter::load(&bed.rx, RX_IF, "native")?;
+        kernel::fill_xdp_filter(progs::FLOOD_SOURCES)?;
+        record("xdp-filter native", bed.flood(ctx, secs)?);
+    }
+
+    {
+        let file = ctx.work.path.join("flood.nft");
+        fs::write(&file, nft_ruleset(&list))?;
+        let _undo = Undo::new(
+            Some(&bed.rx),
+            "nft",
+            &["delete", "table", "netdev", PEER_NAME],
+        );
+        sys::run(bed.rx.command("nft").arg("-f").arg(&file))?;
+        record("nftables", bed.flood(ctx, secs)?);
+    }
+
+    {
+        let file = ctx.work.path.join("flood.ipset");
+        fs::write(&file, ipset_restore(&list, true))?;
+        let _undo_set = Undo::new(Some(&bed.rx), "ipset", &["destroy", PEER_NAME]);
+        sys::run(
+            bed.rx
+                .command("sh")
+                .arg("-c")
+                .arg(format!("ipset restore < {}", file.display())),
+        )?;
+        let rule = [
+            "-t",
+            "raw",
+            "-A",
+            "PREROUTING",
+            "-m",
+            "set",
+            "--match-set",
+            PEER_NAME,
+            "src",
+            "-j",
+            "DROP",
+        ];
+        let mut undo_rule: Vec<&str> = rule.to_vec();
+        undo_rule[2] = "-D";
+        let _undo_rule = Undo::new(Some(&bed.rx), "iptables", &undo_rule);
+        sys::run(bed.rx.command("iptables").args(rule))?;
+        record("iptables + ipset", bed.flood(ctx, secs)?);
+    }
+
+    let get = |name: &str| results.iter().find(|(n, _)| *n == name).map(|(_, f)| *f);
+    let (Some(none), Some(native), Some(skb), Some(xf), Some(nft), Some(ipset)) = (
+        get("no filter"),
+        get("apifilter native"),
+        get("apifilter skb"),
+        get("xdp-filter native"),
+        get("nftables"),
+        get("iptables + ipset"),
+    ) else {
+        bail!("a flood result is missing");
+    };
+    let setup = format!(
+        "{secs} s per filter; 64-byte frames (60 + FCS); sources: 15 in 16 random among 10k \
+         blocklisted hosts, 1 in 16 a legitimate source; generator on CPU {GEN_CPU}, receiver NAPI \
+         thread on CPU {RX_CPU}"
+    );
+    let mut rows = vec![
+        Row::new("flood", "receiver CPU per packet, apifilter native", "ns")
+            .value(native.ns_per_packet)
+            .peer("xdp-filter native", xf.ns_per_packet)
+            .ratio_target(1.0)
+            .note(setup),
+        Row::new("flood", "receiver CPU per packet, apifilter native", "ns")
+            .value(native.ns_per_packet)
+            .peer(
+                "nftables netdev ingress, 100k interval set",
+                nft.ns_per_packet,
+            )
+            .ratio_target(0.25),
+        Row::new("flood", "receiver CPU per packet, apifilter native", "ns")
+            .value(native.ns_per_packet)
+            .peer("iptables raw + ipset hash:net 100k", ipset.ns_per_packet),
+        Row::new("flood", "receiver CPU per packet, apifilter skb", "ns")
+            .value(skb.ns_per_packet)
+            .peer(
+                "nftables netdev ingress, 100k interval set",
+                nft.ns_per_packet,
+            ),
+        Row::new(
+            "flood",
+            "receiver CPU per packet, no filter (closed port)",
+            "ns",
+        )
+        .peer("kernel stack", none.ns_per_packet)
+        .note("every frame goes up the stack to a closed UDP port"),
+    ];
+    for (name, f) in [("apifilter native", native), ("apifilter skb", skb)] {
+        rows.push(
+            Row::new("flood", format!("receiver throughput, {name}"), "Mpps")
+                .value(f.pps / 1e6)
+                .peer("xdp-filter native", xf.pps / 1e6),
+        );
+    }
+    rows.push(
+        Row::new("flood", "receiver throughput, nftables / iptables+ipset / no filter", "Mpps")
+            .peer(
+                format!(
+                    "nft {:.2}, ipset {:.2}, none",
+                    nft.pps / 1e6,
+                    ipset.pps / 1e6
+                ),
+                none.pps / 1e6,
+            )
+            .note("throughput is bounded by the generator and the one receiver core; CPU per packet is the comparable figure"),
+    );
+    Ok(rows)
+}
+
+/// An nft ruleset: a netdev ingress chain on the receiver dropping sources in an interval set.
+pub fn nft_ruleset(entries: &[String]) -> String {
+    format!(
+        "table netdev {PEER_NAME} {{\n  set block {{\n    type ipv4_addr\n    flags interval\n    \
+         elements = {{ {} }}\n  }}\n  chain ingress {{\n    type filter hook ingress device \
+         \"{RX_IF}\" priority -500; policy accept;\n    ip saddr @block drop\n  }}\n}}\n",
+        entries.join(",\n")
+    )
+}
+
+/// An `ipset restore` script: create (when `create`) and add every entry to a hash:net set.
+pub fn ipset_restore(entries: &[String], create: bool) -> String {
+    let mut s = String::with_capacity(entries.len() * 32);
+    if create {
+        s.push_str(&format!(
+            "create {PEER_NAME} hash:net family inet hashsize 65536 maxelem 4194304\n"
+        ));
+    }
+    for e in entries {
+        s.push_str("add ");
+        s.push_str(PEER_NAME);
+        s.push(' ');
+        s.push_str(e);
+        s.push('\n');
+    }
+    s
+}
