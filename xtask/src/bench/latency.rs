@@ -153,11 +153,10 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let (mut r, mut s) = (from_return, from_start);
     let p = |v: &mut Vec<f64>, q: f64| percentile(v, q);
     let runs = format!(
-        "{trials} trials, one datagram every {} µs or a little more; in {early} of them the kernel dropped before the \
-         command returned (counted as 0); from the command's start: p50 {:.1} ms, p99 {:.1} ms",
+        "{trials} trials, one datagram every {} µs or a little more; in {early} of them the \
+         kernel dropped before the command returned (counted as 0): the kernel map is written \
+         before the state is committed to SQLite",
         GAP.as_micros(),
-        p(&mut s, 50.0),
-        p(&mut s, 99.0)
     );
     Ok(vec![
         Row::new(
@@ -174,6 +173,19 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         )
         .value(p(&mut r, 99.0))
         .max_target(20.0),
+        Row::new(
+            "latency",
+            "`apifilter block` started → first dropped packet, p50",
+            "ms",
+        )
+        .value(p(&mut s, 50.0)),
+        Row::new(
+            "latency",
+            "`apifilter block` started → first dropped packet, p99",
+            "ms",
+        )
+        .value(p(&mut s, 99.0))
+        .note("includes starting the process and opening the pinned maps and SQLite"),
         Row::new(
             "latency",
             "CrowdSec decision added → first dropped packet",

@@ -117,6 +117,16 @@ pub fn fmt_num(v: f64) -> String {
     }
 }
 
+/// A ratio with two significant digits, however small.
+pub fn fmt_ratio(x: f64) -> String {
+    if x >= 0.1 || x == 0.0 {
+        format!("{x:.2}")
+    } else {
+        let digits = (-x.log10().floor()) as usize + 1;
+        format!("{x:.digits$}")
+    }
+}
+
 /// Section titles, in the order of the issue.
 pub const SECTIONS: [(&str, &str); 6] = [
     (
@@ -211,7 +221,9 @@ impl Report {
                     || "—".into(),
                     |(n, v)| format!("{n}: {} {}", fmt_num(*v), r.unit),
                 );
-                let ratio = r.ratio().map_or_else(|| "—".into(), |x| format!("{x:.2}×"));
+                let ratio = r
+                    .ratio()
+                    .map_or_else(|| "—".into(), |x| format!("{}×", fmt_ratio(x)));
                 let met = match r.met {
                     Some(true) => "yes",
                     Some(false) => "**no**",
@@ -278,5 +290,7 @@ mod tests {
         assert_eq!(fmt_num(48.25), "48.2");
         assert_eq!(fmt_num(1.234), "1.23");
         assert_eq!(fmt_num(0.1234), "0.123");
+        assert_eq!(fmt_ratio(0.8712), "0.87");
+        assert_eq!(fmt_ratio(0.00175), "0.0018");
     }
 }

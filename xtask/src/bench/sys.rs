@@ -413,8 +413,20 @@ pub fn sweep() {
     quietly("nft", &["delete", "table", "netdev", PEER_NAME]);
 }
 
-/// Runs `cmd` and returns its wall time and peak RSS (bytes), from `wait4`'s rusage.
-pub fn time_and_rss(cmd: &mut Command) -> Result<(Duration, u64)> {
+/// What [`time_and_rss`] measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub wall: Duration,
+    /// CPU time in user space and in the kernel (on a busy machine the wall time grows with
+    /// the waiting; these do not).
+    pub user: Duration,
+    pub sys: Duration,
+    /// Peak RSS, bytes.
+    pub rss: u64,
+}
+
+/// Runs `cmd` and returns its wall time, CPU time and peak RSS, from `wait4`'s rusage.
+pub fn time_and_rss(cmd: &mut Command) -> Result<Usage> {
     let started = Instant::now();
     let child = cmd
         .stdout(std::process::Stdio::null())
@@ -443,7 +455,13 @@ pub fn time_and_rss(cmd: &mut Command) -> Result<(Duration, u64)> {
         }
         bail!("`{}` failed (status {status}): {}", show(cmd), err.trim());
     }
-    Ok((elapsed, usage.ru_maxrss as u64 * 1024))
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Ok(Usage {
+        wall: elapsed,
+        user: tv(usage.ru_utime),
+        sys: tv(usage.ru_stime),
+        rss: usage.ru_maxrss as u64 * 1024,
+    })
 }
 
 /// CPU time a task has spent on a CPU, from `/proc/PID/task/TID/schedstat` (ns).
