@@ -79,6 +79,18 @@ impl Row {
         self
     }
 
+    /// When the target was missed, adds what dominates the cost and what would close the gap.
+    pub fn gap(mut self, why: impl Into<String>) -> Self {
+        if self.met == Some(false) {
+            if !self.note.is_empty() {
+                self.note.push_str(". ");
+            }
+            self.note.push_str("Missed: ");
+            self.note.push_str(&why.into());
+        }
+        self
+    }
+
     /// apifilter / peer.
     pub fn ratio(&self) -> Option<f64> {
         match (self.apifilter, &self.peer) {
