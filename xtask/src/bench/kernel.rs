@@ -101,7 +101,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     sys::run(
         Command::new("bpftool")
             .args(["prog", "load"])
-            .arg(&ctx.count_obj)
+            .arg(&ctx.objects.count)
             .arg(&count_pin)
             .args(["type", "xdp"]),
     )?;

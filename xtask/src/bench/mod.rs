@@ -51,10 +51,8 @@ pub struct Ctx {
     pub quick: bool,
     /// Scratch space: lists, frames, compiled programs.
     pub work: sys::TempDir,
-    /// `bench_count`.
-    pub count_obj: PathBuf,
-    /// `bench_gen`.
-    pub gen_obj: PathBuf,
+    /// The bench's own programs.
+    pub objects: progs::Objects,
 }
 
 /// A section's entry point.
@@ -89,12 +87,11 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let wants = |s: Section| opts.only.is_empty() || opts.only.contains(&s);
     let work = sys::TempDir::new("work")?;
-    let (count_obj, gen_obj) = progs::compile(&work.path, progs::LEGIT_EVERY)?;
+    let objects = progs::compile(&work.path, progs::LEGIT_EVERY)?;
     let ctx = Ctx {
         quick: opts.quick,
         work,
-        count_obj,
-        gen_obj,
+        objects,
     };
 
     let mut rows: Vec<Row> = Vec::new();
@@ -126,7 +123,6 @@ pub fn run(opts: &Options) -> Result<()> {
                 failed.push(name);
             }
         }
-        sys::sweep();
     }
     if wants(Section::Proxy) {
         rows.push(

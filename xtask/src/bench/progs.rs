@@ -6,10 +6,18 @@
 //!   generator's veth, it rewrites the source address (a random blocklisted host, or now and then
 //!   the legitimate source), fixes the IPv4 checksum and returns XDP_TX, which sends the frame to
 //!   the receiver's veth.
+//! - `bench_touch`: the least a source filter does: reads the frame's IPv4 source, passes the
+//!   legitimate source and drops the rest. The flood's floor: the first read of a frame's
+//!   headers is a cache miss that `bench_count` never pays.
 //!
 //! Traffic only flows inside the bench's namespaces, from 198.18.0.0/15.
 
-use std::{fs, net::Ipv4Addr, path::Path, process::Command};
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, Result};
 
@@ -75,6 +83,41 @@ int bench_count(struct xdp_md *ctx)
 char LICENSE[] SEC("license") = "GPL";
 "#;
 
+const TOUCH_C: &str = r#"
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u64);
+} bench_counter SEC(".maps");
+
+SEC("xdp")
+int bench_touch(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = data + sizeof(struct ethhdr);
+    if ((void *)(ip + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+        return XDP_PASS;
+    if (ip->saddr == bpf_htonl(LEGIT_SRC))
+        return XDP_PASS;
+    __u32 key = 0;
+    __u64 *n = bpf_map_lookup_elem(&bench_counter, &key);
+    if (n)
+        *n += 1;
+    return XDP_DROP;
+}
+
+char LICENSE[] SEC("license") = "GPL";
+"#;
+
 const GEN_C: &str = r#"
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -110,10 +153,23 @@ int bench_gen(struct xdp_md *ctx)
 char LICENSE[] SEC("license") = "GPL";
 "#;
 
-/// Compiles both programs into `dir`; returns (`count.o`, `gen.o`). `legit_every` = 0 sends only
-/// blocklisted sources; 1 only the legitimate one.
-pub fn compile(dir: &Path, legit_every: u32) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+/// The compiled programs.
+pub struct Objects {
+    pub count: PathBuf,
+    pub touch: PathBuf,
+    pub generator: PathBuf,
+}
+
+/// Compiles the programs into `dir`. `legit_every` = 0 sends only blocklisted sources; 1 only
+/// the legitimate one.
+pub fn compile(dir: &Path, legit_every: u32) -> Result<Objects> {
     let count = build(dir, "count", COUNT_C, &[])?;
+    let touch = build(
+        dir,
+        "touch",
+        TOUCH_C,
+        &[format!("-DLEGIT_SRC={}u", u32::from(LEGIT_SRC))],
+    )?;
     let defines = [
         format!("-DLEGIT_SRC={}u", u32::from(LEGIT_SRC)),
         format!("-DLEGIT_EVERY={legit_every}u"),
@@ -121,10 +177,14 @@ pub fn compile(dir: &Path, legit_every: u32) -> Result<(std::path::PathBuf, std:
         format!("-DFLOOD_SOURCES={FLOOD_SOURCES}u"),
     ];
     let generator = build(dir, "gen", GEN_C, &defines)?;
-    Ok((count, generator))
+    Ok(Objects {
+        count,
+        touch,
+        generator,
+    })
 }
 
-fn build(dir: &Path, name: &str, src: &str, defines: &[String]) -> Result<std::path::PathBuf> {
+fn build(dir: &Path, name: &str, src: &str, defines: &[String]) -> Result<PathBuf> {
     let c = dir.join(format!("{name}.c"));
     let o = dir.join(format!("{name}.o"));
     fs::write(&c, src).with_context(|| format!("writing {}", c.display()))?;
