@@ -158,6 +158,8 @@ pub struct Objects {
     pub count: PathBuf,
     pub touch: PathBuf,
     pub generator: PathBuf,
+    /// The generator with a single blocklisted source ([`BLOCKED_HOST`]).
+    pub generator_one: PathBuf,
 }
 
 /// Compiles the programs into `dir`. `legit_every` = 0 sends only blocklisted sources; 1 only
@@ -170,17 +172,21 @@ pub fn compile(dir: &Path, legit_every: u32) -> Result<Objects> {
         TOUCH_C,
         &[format!("-DLEGIT_SRC={}u", u32::from(LEGIT_SRC))],
     )?;
-    let defines = [
-        format!("-DLEGIT_SRC={}u", u32::from(LEGIT_SRC)),
-        format!("-DLEGIT_EVERY={legit_every}u"),
-        format!("-DFLOOD_BASE={}u", u32::from(FLOOD_BASE)),
-        format!("-DFLOOD_SOURCES={FLOOD_SOURCES}u"),
-    ];
-    let generator = build(dir, "gen", GEN_C, &defines)?;
+    let defines = |base: Ipv4Addr, sources: u32| {
+        [
+            format!("-DLEGIT_SRC={}u", u32::from(LEGIT_SRC)),
+            format!("-DLEGIT_EVERY={legit_every}u"),
+            format!("-DFLOOD_BASE={}u", u32::from(base)),
+            format!("-DFLOOD_SOURCES={sources}u"),
+        ]
+    };
+    let generator = build(dir, "gen", GEN_C, &defines(FLOOD_BASE, FLOOD_SOURCES))?;
+    let generator_one = build(dir, "gen-one", GEN_C, &defines(BLOCKED_HOST, 1))?;
     Ok(Objects {
         count,
         touch,
         generator,
+        generator_one,
     })
 }
 
