@@ -96,8 +96,11 @@ impl Bed {
             "permanent",
         ])?;
         rx.ip(&["route", "add", "default", "via", &GEN_ADDR.to_string()])?;
-        rx.sh("sysctl -qw net.ipv4.conf.all.rp_filter=0 net.ipv4.conf.default.rp_filter=0")?;
-        rx.sh(&format!("sysctl -qw net.ipv4.conf.{RX_IF}.rp_filter=0"))?;
+        for conf in ["all", "default", RX_IF] {
+            rx.sh(&format!(
+                "echo 0 > /proc/sys/net/ipv4/conf/{conf}/rp_filter"
+            ))?;
+        }
         // GRO on the receiver enables its NAPI, without which XDP_TX'd frames vanish; TSO off on
         // the generator (see TOOLCHAIN.md). Threaded NAPI gives the receiver's work one thread.
         sys::run(
@@ -488,8 +491,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             .value(skb.ns_per_packet)
             .peer(nft_name, nft.ns_per_packet),
         Row::new("flood", "XDP program's own run time per packet, apifilter native", "ns")
-            .value(native.prog_ns.unwrap_or(f64::NAN))
-            .peer("xdp-filter native", xf.prog_ns.unwrap_or(f64::NAN))
+            .value_opt(native.prog_ns)
+            .peer_opt("xdp-filter native", xf.prog_ns)
             .note(format!(
                 "run_time_ns / run_cnt with kernel.bpf_stats_enabled (which adds two clock reads \
                  to every run); minimal source filter {}, empty program {}",
@@ -501,8 +504,8 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             "XDP program's own run time per packet, one blocklisted source",
             "ns",
         )
-        .value(native_one.prog_ns.unwrap_or(f64::NAN))
-        .peer("xdp-filter native", xf_one.prog_ns.unwrap_or(f64::NAN)),
+        .value_opt(native_one.prog_ns)
+        .peer_opt("xdp-filter native", xf_one.prog_ns),
         Row::new(
             "flood",
             format!("{cpu} above the minimal source filter, apifilter native"),

@@ -52,6 +52,18 @@ impl Row {
         self
     }
 
+    /// A figure that may be missing; a missing one stays "—".
+    pub fn value_opt(mut self, v: Option<f64>) -> Self {
+        self.apifilter = v;
+        self
+    }
+
+    /// A peer figure that may be missing.
+    pub fn peer_opt(mut self, name: impl Into<String>, v: Option<f64>) -> Self {
+        self.peer = v.map(|v| (name.into(), v));
+        self
+    }
+
     /// A target on the apifilter/peer ratio: met when the ratio is at most `max`.
     pub fn ratio_target(mut self, max: f64) -> Self {
         self.target = format!("≤ {max}×");
