@@ -232,6 +232,7 @@ fn explain_gaps(rows: &mut [Row], floor: f64) {
     let empty_pass = value(rows, format!("pass, {}", FILLS[0].name));
     let full_pass = value(rows, format!("pass, {full}"));
     let full_limit = value(rows, format!("rate-limit drop, {full}"));
+    let mut explained = false;
     for row in rows.iter_mut() {
         let why = if row.measurement.starts_with("rate-limit drop") {
             format!(
@@ -242,7 +243,10 @@ fn explain_gaps(rows: &mut [Row], floor: f64) {
                  compare-and-swap once a source is known to be over its limit",
                 full_limit - full_pass
             )
+        } else if explained {
+            "as for the pass path above".to_owned()
         } else {
+            explained = row.met == Some(false);
             format!(
                 "the size of the tables barely moves the cost (pass {empty_pass:.0} ns with empty \
                  tables, {full_pass:.0} ns full; the floor is {floor:.0} ns), so the fixed \

@@ -75,6 +75,12 @@ pub fn run(opts: &Options) -> Result<()> {
          loads nftables and ipset rules inside them",
     )?;
     let started = std::time::Instant::now();
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
     setup::run(Scope::All)?;
     setup::install(BENCH_PACKAGES, "the bench")?;
     step(
@@ -147,10 +153,15 @@ pub fn run(opts: &Options) -> Result<()> {
             .to_owned(),
         commands: commands(opts),
         quick: opts.quick,
-        notes: vec![format!(
-            "Total run time: {:.0} s.",
-            started.elapsed().as_secs_f64()
-        )],
+        notes: vec![
+            format!(
+                "Load average when the run started: {load} (on {} cores). Other work shares a \
+                 busy machine's CPUs and caches: wall times grow with it; CPU times, and the \
+                 flood's per-thread CPU time, much less.",
+                std::thread::available_parallelism().map_or(0, |n| n.get())
+            ),
+            format!("Total run time: {:.0} s.", started.elapsed().as_secs_f64()),
+        ],
     };
     let out = opts.out.clone().unwrap_or_else(workspace_root);
     report.write(&out)?;
