@@ -211,7 +211,7 @@ impl Bed {
                 .collect();
             let started = Instant::now();
             let until = Duration::from_secs_f64(secs);
-            while started.elapsed() < until {
+            while started.elapsed() < until && !sys::interrupted() {
                 prog.test_run(TestRunOptions {
                     data_in: Some(&frame),
                     ctx_in: Some(&md),

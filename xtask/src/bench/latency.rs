@@ -204,6 +204,7 @@ fn trials_loop(inst: &Instance, flow: &Flow, trials: usize) -> Result<(Vec<f64>,
     let mut from_start = Vec::with_capacity(trials);
     let mut early = 0;
     for _ in 0..trials {
+        sys::check_interrupted()?;
         let t0 = flow.now();
         inst.ok(&["block", &src])?;
         let t1 = flow.now();

@@ -90,6 +90,7 @@ pub fn run(opts: &Options) -> Result<()> {
             .env("PATH", path_with(&linker_bin_dir()?)?),
     )?;
     sys::sweep();
+    sys::catch_signals();
 
     let wants = |s: Section| opts.only.is_empty() || opts.only.contains(&s);
     let work = sys::TempDir::new("work")?;
@@ -112,6 +113,9 @@ pub fn run(opts: &Options) -> Result<()> {
         // The kernel-map memory rows are taken while the kernel section's tables are full.
         if !(wants(section) || (section == Section::Kernel && wants(Section::Memory))) {
             continue;
+        }
+        if sys::interrupted() {
+            break;
         }
         println!("==> bench: {name}");
         match f(&ctx) {
@@ -145,6 +149,10 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
 
+    if sys::interrupted() {
+        sys::sweep();
+        bail!("bench: interrupted; cleaned up, wrote no report");
+    }
     let report = Report {
         rows,
         machine: sys::machine(),

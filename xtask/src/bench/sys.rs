@@ -12,6 +12,7 @@ use std::{
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{Command, Output},
+    sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
@@ -26,8 +27,41 @@ pub const PIN_PREFIX: &str = "apifilter-bench-";
 /// Name of the nft table and of the ipset the peers use.
 pub const PEER_NAME: &str = "afbench";
 
+/// Set by SIGINT or SIGTERM.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+/// Catches SIGINT and SIGTERM, so that an interrupted run unwinds through its guards and cleans
+/// up instead of dying on the spot. A handler (unlike an ignored or blocked signal) is reset by
+/// `exec`, so the commands the bench runs still stop on Ctrl-C.
+pub fn catch_signals() {
+    let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, handler);
+        libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Whether the run was interrupted.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// Fails once the run was interrupted.
+pub fn check_interrupted() -> Result<()> {
+    if interrupted() {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 /// Runs `cmd` and returns its output; fails with its stderr unless it succeeds.
 pub fn run(cmd: &mut Command) -> Result<Output> {
+    check_interrupted()?;
     let out = cmd
         .output()
         .with_context(|| format!("could not start `{}`", show(cmd)))?;
@@ -427,6 +461,7 @@ pub struct Usage {
 
 /// Runs `cmd` and returns its wall time, CPU time and peak RSS, from `wait4`'s rusage.
 pub fn time_and_rss(cmd: &mut Command) -> Result<Usage> {
+    check_interrupted()?;
     let started = Instant::now();
     let child = cmd
         .stdout(std::process::Stdio::null())
