@@ -5,20 +5,22 @@
 //!
 //! Sections (`--only` takes their ids): `kernel` (BPF_PROG_TEST_RUN per-packet cost, and the
 //! kernel map memory of section 6), `flood` (veth flood, receiver CPU per packet), `bulk` (bulk
-//! load), `latency` (block latency), `proxy` (a placeholder until `apifilter run` has
-//! `[[proxy]]`), `memory` (the daemon's RSS; its kernel-map rows come from `kernel`).
+//! load), `latency` (block latency), `proxy` (nginx as a TLS reverse proxy; apifilter's side once
+//! `apifilter run` has `[[proxy]]`), `memory` (the daemon's RSS, once there is a daemon; its
+//! kernel-map rows come from `kernel`).
 
 mod bulk;
 mod flood;
 mod kernel;
 mod latency;
 mod progs;
+mod proxy;
 mod report;
 mod sys;
 
 use std::{path::PathBuf, process::Command};
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use clap::ValueEnum;
 
 use crate::{
@@ -66,6 +68,9 @@ pub const BENCH_PACKAGES: &[&str] = &[
     "nftables",
     "ipset",
     "iptables",
+    "nginx",
+    "wrk",
+    "nghttp2-client",
 ];
 
 /// `cargo xtask bench [--quick] [--only SECTION]… [--out DIR]`.
@@ -89,6 +94,12 @@ pub fn run(opts: &Options) -> Result<()> {
             .args(["build", "--package", "filter-user", "--release"])
             .env("PATH", path_with(&linker_bin_dir()?)?),
     )?;
+    // One bench at a time: the sweep below removes whatever another run has set up.
+    let lock_path = "/run/apifilter-bench.lock";
+    let lock = std::fs::File::create(lock_path).with_context(|| format!("creating {lock_path}"))?;
+    if lock.try_lock().is_err() {
+        bail!("another `cargo xtask bench` is running (it holds {lock_path})");
+    }
     sys::sweep();
     sys::catch_signals();
 
@@ -103,11 +114,12 @@ pub fn run(opts: &Options) -> Result<()> {
 
     let mut rows: Vec<Row> = Vec::new();
     let mut failed = Vec::new();
-    let sections: [(Section, &str, SectionFn); 4] = [
+    let sections: [(Section, &str, SectionFn); 5] = [
         (Section::Kernel, "kernel", kernel::run),
         (Section::Flood, "flood", flood::run),
         (Section::Bulk, "bulk", bulk::run),
         (Section::Latency, "latency", latency::run),
+        (Section::Proxy, "proxy", proxy::run),
     ];
     for (section, name, f) in sections {
         // The kernel-map memory rows are taken while the kernel section's tables are full.
@@ -133,12 +145,6 @@ pub fn run(opts: &Options) -> Result<()> {
                 failed.push(name);
             }
         }
-    }
-    if wants(Section::Proxy) {
-        rows.push(
-            Row::new("proxy", "TLS reverse proxy vs nginx (wrk / h2load)", "")
-                .note("proxy not built yet: `apifilter run` does not support `[[proxy]]`"),
-        );
     }
     if wants(Section::Memory) {
         for what in ["idle", "holding 1M entries"] {
@@ -224,6 +230,9 @@ fn commands(opts: &Options) -> Vec<String> {
             "ipset restore < bulk.ipset; ipset restore < delta.ipset",
             "# 4. latency",
             "apifilter block 198.19.255.1; apifilter unblock 198.19.255.1",
+            "# 5. proxy (loopback in a namespace)",
+            "nginx -c nginx.conf -g 'daemon off;'   # TLS on :8443, proxy_pass to :8080 (return 200)",
+            "wrk -t1 -c50 -dNs --latency https://127.0.0.1:8443/; h2load -n N -c50 -m10 https://127.0.0.1:8443/",
         ]
         .map(str::to_owned),
     );
