@@ -24,11 +24,21 @@ use super::{
 const UPSTREAM_PORT: u16 = 8080;
 const NGINX_TLS_PORT: u16 = 8443;
 
-/// A process killed (and reaped) on drop.
+/// nginx's master process, stopped on drop: SIGTERM first (the master then stops its workers;
+/// SIGKILL would orphan them), SIGKILL if it lingers.
 struct Running(Child);
 
 impl Drop for Running {
     fn drop(&mut self) {
+        // SAFETY: signalling our own child, not yet reaped.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -443,6 +443,24 @@ pub fn sweep() {
             }
         }
     }
+    // Processes a killed run left (nginx with its config under the work dir): found by that
+    // path on their command line, which only the bench's own processes carry.
+    let work = format!("{PIN_PREFIX}work");
+    if let Ok(procs) = fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == std::process::id() as i32 {
+                continue;
+            }
+            let cmdline = fs::read(p.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&work) {
+                // SAFETY: a plain signal to a process this bench started.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+        }
+    }
     quietly("ipset", &["destroy", PEER_NAME]);
     quietly("nft", &["delete", "table", "netdev", PEER_NAME]);
 }
