@@ -443,8 +443,9 @@ pub fn sweep() {
             }
         }
     }
-    // Processes a killed run left (nginx with its config under the work dir): found by that
-    // path on their command line, which only the bench's own processes carry.
+    // Processes a killed run left (nginx, whose master names its config under the work dir and
+    // whose workers hold its log open there): found by that path, which only the bench's own
+    // processes carry.
     let work = format!("{PIN_PREFIX}work");
     if let Ok(procs) = fs::read_dir("/proc") {
         for p in procs.flatten() {
@@ -455,7 +456,13 @@ pub fn sweep() {
                 continue;
             }
             let cmdline = fs::read(p.path().join("cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&work) {
+            let holds_file = fs::read_dir(p.path().join("fd")).is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    fs::read_link(fd.path())
+                        .is_ok_and(|target| target.to_string_lossy().contains(&work))
+                })
+            });
+            if holds_file || String::from_utf8_lossy(&cmdline).contains(&work) {
                 // SAFETY: a plain signal to a process this bench started.
                 unsafe { libc::kill(pid, libc::SIGTERM) };
             }
