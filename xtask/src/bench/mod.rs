@@ -32,24 +32,34 @@ use report::{Report, Row};
 /// A section of the bench.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Section {
+    /// Per-packet cost under BPF_PROG_TEST_RUN (and the kernel map memory).
     Kernel,
+    /// A flood over veth: receiver CPU per packet.
     Flood,
+    /// Bulk loads and a delta.
     Bulk,
+    /// From `apifilter block` to the first dropped packet.
     Latency,
+    /// TLS reverse proxies.
     Proxy,
+    /// Memory: kernel maps (from `kernel`) and the daemon.
     Memory,
 }
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Clone)]
 pub struct Options {
+    /// Fewer rounds, shorter floods.
     pub quick: bool,
+    /// Sections to run; empty = all.
     pub only: Vec<Section>,
+    /// Where the report goes (default: the repository root).
     pub out: Option<PathBuf>,
 }
 
 /// What every section gets.
 pub struct Ctx {
+    /// `--quick`.
     pub quick: bool,
     /// Scratch space: lists, frames, compiled programs.
     pub work: sys::TempDir,

@@ -38,8 +38,9 @@ pub const ALLOWED_SRC: Ipv4Addr = Ipv4Addr::new(198, 19, 252, 1);
 pub const LIMITED_SRC: Ipv4Addr = Ipv4Addr::new(198, 19, 253, 1);
 /// A blocked exact host (the first of the flood blocklist).
 pub const BLOCKED_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
-/// A blocked prefix and a source inside it.
+/// A blocked prefix.
 pub const BLOCKED_PREFIX: &str = "198.19.240.0/24";
+/// A source inside [`BLOCKED_PREFIX`].
 pub const PREFIX_SRC: Ipv4Addr = Ipv4Addr::new(198, 19, 240, 7);
 
 /// First address of the flood blocklist: hosts `FLOOD_BASE + i`, `i < FLOOD_ENTRIES`.
@@ -52,8 +53,9 @@ pub const FLOOD_SOURCES: u32 = 10_000;
 /// One frame in this many comes from the legitimate source.
 pub const LEGIT_EVERY: u32 = 16;
 
-/// MACs of the generator's and the receiver's veth ends.
+/// MAC of the generator's veth end.
 pub const GEN_MAC: [u8; 6] = [0x02, 0xaf, 0xbe, 0x00, 0x00, 0x01];
+/// MAC of the receiver's veth end.
 pub const RX_MAC: [u8; 6] = [0x02, 0xaf, 0xbe, 0x00, 0x00, 0x02];
 
 /// Destination UDP port of every frame (nothing listens there).
@@ -155,8 +157,11 @@ char LICENSE[] SEC("license") = "GPL";
 
 /// The compiled programs.
 pub struct Objects {
+    /// `bench_count`.
     pub count: PathBuf,
+    /// `bench_touch`.
     pub touch: PathBuf,
+    /// `bench_gen`.
     pub generator: PathBuf,
     /// The generator with a single blocklisted source ([`BLOCKED_HOST`]).
     pub generator_one: PathBuf,

@@ -196,7 +196,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
          measured"
     };
     let setup = format!(
-        "TLS 1.3 (P-256 certificate) on loopback in a namespace; upstream: nginx returning a \
+        "TLS with nginx's default settings and a P-256 certificate, on loopback in a namespace; upstream: nginx returning a \
          fixed 200; nginx with 1 worker; wrk -t1 -c50 -d{secs}s, h2load -n{requests} -c50 -m10"
     );
     Ok(vec![

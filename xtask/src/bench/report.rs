@@ -42,11 +42,13 @@ impl Row {
         }
     }
 
+    /// apifilter's figure.
     pub fn value(mut self, v: f64) -> Self {
         self.apifilter = Some(v);
         self
     }
 
+    /// The peer's name and figure.
     pub fn peer(mut self, name: impl Into<String>, v: f64) -> Self {
         self.peer = Some((name.into(), v));
         self
@@ -86,6 +88,7 @@ impl Row {
         self
     }
 
+    /// Replaces the note.
     pub fn note(mut self, note: impl Into<String>) -> Self {
         self.note = note.into();
         self
@@ -166,11 +169,17 @@ pub const SECTIONS: [(&str, &str); 6] = [
 
 /// Everything a run produced.
 pub struct Report {
+    /// Every figure, in section order.
     pub rows: Vec<Row>,
+    /// CPU, cores, memory, kernel.
     pub machine: Value,
+    /// When the run ended (UTC).
     pub date: String,
+    /// The command that produced the report and what it ran.
     pub commands: Vec<String>,
+    /// `--quick`.
     pub quick: bool,
+    /// Lines about the run as a whole (load, run time).
     pub notes: Vec<String>,
 }
 

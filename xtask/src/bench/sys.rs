@@ -149,6 +149,7 @@ pub fn enter_netns(ns: &str) -> Result<()> {
 /// A network namespace, deleted on drop (which also deletes the interfaces inside it).
 #[derive(Debug)]
 pub struct Netns {
+    /// The name `ip netns` knows it by.
     pub name: String,
 }
 
@@ -223,6 +224,7 @@ pub fn veth(a: &Netns, a_if: &str, a_mac: &str, b: &Netns, b_if: &str, b_mac: &s
 /// A directory removed on drop.
 #[derive(Debug)]
 pub struct TempDir {
+    /// The directory.
     pub path: PathBuf,
 }
 
@@ -246,7 +248,9 @@ impl Drop for TempDir {
 /// unloads and removes both.
 #[derive(Debug)]
 pub struct Instance {
+    /// `--pin-dir`, under /sys/fs/bpf.
     pub pin_dir: PathBuf,
+    /// `--state-dir`.
     pub state: TempDir,
 }
 
@@ -318,10 +322,12 @@ impl Drop for Instance {
 /// A pin dir for the bench's own helper programs, removed (with its pins) on drop.
 #[derive(Debug)]
 pub struct PinDir {
+    /// The directory, under /sys/fs/bpf.
     pub path: PathBuf,
 }
 
 impl PinDir {
+    /// A fresh, empty `/sys/fs/bpf/apifilter-bench-<tag>`.
     pub fn new(tag: &str) -> Result<Self> {
         let path = PathBuf::from("/sys/fs/bpf").join(format!("{PIN_PREFIX}{tag}"));
         let _ = fs::remove_dir_all(&path);
@@ -475,10 +481,12 @@ pub fn sweep() {
 /// What [`time_and_rss`] measured.
 #[derive(Debug, Clone, Copy)]
 pub struct Usage {
+    /// Wall time.
     pub wall: Duration,
-    /// CPU time in user space and in the kernel (on a busy machine the wall time grows with
-    /// the waiting; these do not).
+    /// CPU time in user space (on a busy machine the wall time grows with the waiting; the CPU
+    /// times do not).
     pub user: Duration,
+    /// CPU time in the kernel.
     pub sys: Duration,
     /// Peak RSS, bytes.
     pub rss: u64,
