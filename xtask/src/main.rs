@@ -97,6 +97,23 @@ mod tests {
     }
 
     #[test]
+    fn bench_flags() {
+        let cli = Cli::try_parse_from([
+            "xtask", "bench", "--quick", "--only", "kernel", "--only", "flood", "--out", "/tmp/b",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Bench { quick, only, out } => {
+                assert!(quick);
+                assert_eq!(only, [bench::Section::Kernel, bench::Section::Flood]);
+                assert_eq!(out.as_deref(), Some(std::path::Path::new("/tmp/b")));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["xtask", "bench", "--only", "nope"]).is_err());
+    }
+
+    #[test]
     fn build_release_flag() {
         let cli = Cli::try_parse_from(["xtask", "build", "--release"]).expect("parses");
         assert!(matches!(cli.command, Command::Build { release: true }));
