@@ -43,8 +43,8 @@ enum Command {
     /// Run `setup` and a release build, then the narrated demo in network namespaces (root).
     Demo,
     /// Run `setup` (plus the peers and tools: nftables, ipset, iptables, nginx, wrk, h2load,
-    /// clang), a release build, then
-    /// measure apifilter against its peers and write BENCHMARKS.md and BENCHMARKS.json (root).
+    /// clang), a release build, then measure apifilter against its peers and write
+    /// BENCHMARKS.md and BENCHMARKS.json (root).
     Bench {
         /// Fewer rounds and shorter floods: a full pass in well under 10 minutes on 2 cores.
         #[arg(long)]
