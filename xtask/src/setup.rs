@@ -327,24 +327,30 @@ fn bpffs() -> Result<()> {
 }
 
 fn packages() -> Result<()> {
-    let missing = match missing_packages() {
+    install(PACKAGES, "the integration tests and the demo")
+}
+
+/// Installs whichever of `packages` dpkg does not report as installed (`apt-get`, as root; as
+/// another user it prints the command instead). `who` names what needs them.
+pub fn install(packages: &[&'static str], who: &str) -> Result<()> {
+    let missing = match missing_packages(packages) {
         Ok(missing) => missing,
         Err(err) => {
             println!(
                 "setup: cannot check Debian packages ({err:#}); make sure these are installed: {}",
-                PACKAGES.join(" ")
+                packages.join(" ")
             );
             return Ok(());
         }
     };
     if missing.is_empty() {
-        println!("setup: packages ok ({})", PACKAGES.join(", "));
+        println!("setup: packages ok ({})", packages.join(", "));
         return Ok(());
     }
     let list = missing.join(" ");
     if !is_root() {
         println!(
-            "setup: missing Debian packages (the integration tests and the demo need them): {list}\n\
+            "setup: missing Debian packages ({who} need them): {list}\n\
              setup: install them as root: apt-get update && apt-get install -y \
              --no-install-recommends {list}"
         );
@@ -364,7 +370,7 @@ fn packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still = missing_packages()?;
+    let still = missing_packages(packages)?;
     if !still.is_empty() {
         bail!(
             "apt-get install succeeded but these are still missing: {}",
@@ -465,27 +471,30 @@ fn crowdsec() -> Result<()> {
     }
 }
 
-/// The entries of [`PACKAGES`] that dpkg does not report as installed.
-fn missing_packages() -> Result<Vec<&'static str>> {
+/// The entries of `packages` that dpkg does not report as installed.
+fn missing_packages(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     // One query for all of them. dpkg-query exits 1 when it knows nothing about some package,
     // but still lists the others, so only its output counts.
     let out = Command::new("dpkg-query")
         .args(["--show", "--showformat", "${Package} ${Status}\\n"])
-        .args(PACKAGES)
+        .args(packages)
         .output()
         .context("running dpkg-query")?;
-    Ok(missing_from(&String::from_utf8_lossy(&out.stdout)))
+    Ok(missing_from(
+        packages,
+        &String::from_utf8_lossy(&out.stdout),
+    ))
 }
 
-/// The entries of [`PACKAGES`] not listed as `install ok installed` in dpkg-query's output.
-fn missing_from(listing: &str) -> Vec<&'static str> {
+/// The entries of `packages` not listed as `install ok installed` in dpkg-query's output.
+fn missing_from(packages: &[&'static str], listing: &str) -> Vec<&'static str> {
     let installed: HashSet<&str> = listing
         .lines()
         .filter_map(|line| line.split_once(' '))
         .filter(|(_, status)| status.trim() == "install ok installed")
         .map(|(package, _)| package)
         .collect();
-    PACKAGES
+    packages
         .iter()
         .copied()
         .filter(|package| !installed.contains(package))
@@ -529,10 +538,10 @@ mod tests {
                        bpftool install ok installed\nxdp-tools install ok installed\n\
                        curl install ok installed\nopenssl install ok installed\n";
         assert_eq!(
-            missing_from(listing),
+            missing_from(PACKAGES, listing),
             ["ethtool", "python3", "python3-jwt", "python3-cryptography"]
         );
-        assert_eq!(missing_from(""), PACKAGES);
+        assert_eq!(missing_from(PACKAGES, ""), PACKAGES);
     }
 
     #[test]
