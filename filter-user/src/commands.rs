@@ -256,6 +256,11 @@ pub fn attach_ifaces(
     }
     let state = store.path().to_owned();
     let fresh = loader::ensure_loaded(pins, caps)?;
+    if !fresh && let Some((old, new)) = loader::upgrade(pins)? {
+        say(format!(
+            "program upgraded in place: id {old} -> {new}, every attached interface switched atomically"
+        ));
+    }
     let maps = Maps::open(pins)?;
     let mut attached_now = Vec::new();
     let result = store.write(|tx| {

@@ -245,8 +245,9 @@ fn remove_map_pins(pins: &PinDir) -> Result<(), LoaderError> {
     Ok(())
 }
 
-fn load_and_pin(pins: &PinDir, caps: &Capacities) -> Result<(), LoaderError> {
-    let mut ebpf = EbpfLoader::new()
+fn loader_for<'a>(pins: &'a PinDir, caps: &Capacities) -> EbpfLoader<'a> {
+    let mut loader = EbpfLoader::new();
+    loader
         .default_map_pin_directory(pins.maps())
         .map_max_entries(m::MAP_BLOCK_V4, caps.max_v4_hosts)
         .map_max_entries(m::MAP_BLOCK_V6, caps.max_v6_hosts)
@@ -255,7 +256,12 @@ fn load_and_pin(pins: &PinDir, caps: &Capacities) -> Result<(), LoaderError> {
         .map_max_entries(m::MAP_NET_IDS_V4, caps.max_v4_prefixes)
         .map_max_entries(m::MAP_BLOCK_NET_V6, caps.max_v6_prefixes)
         .map_max_entries(m::MAP_RATELIMIT, caps.max_sources)
-        .map_max_entries(m::MAP_RATELIMIT_V4, caps.max_sources)
+        .map_max_entries(m::MAP_RATELIMIT_V4, caps.max_sources);
+    loader
+}
+
+fn load_and_pin(pins: &PinDir, caps: &Capacities) -> Result<(), LoaderError> {
+    let mut ebpf = loader_for(pins, caps)
         .load(PROGRAM)
         .map_err(|e| LoaderError::Load(format!("{e:#}")))?;
     let prog: &mut Xdp = ebpf
@@ -358,6 +364,145 @@ pub fn attach(pins: &PinDir, iface: &str, mode: AttachMode) -> Result<AttachMode
         reason: e.to_string(),
     })?;
     Ok(used)
+}
+
+/// Replace the pinned program with the one built into this binary, when they differ, without a
+/// moment in which any attached interface runs no filter: the new program is loaded against the
+/// same pinned maps, every interface's link is switched to it atomically (`BPF_LINK_UPDATE`), and
+/// the program pin is swapped. Returns the old and new program ids when it upgraded. Map layouts
+/// must be unchanged between the two versions (maps the old program lacks are created).
+pub fn upgrade(pins: &PinDir) -> Result<Option<(u32, u32)>, LoaderError> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    if !pins.is_loaded() {
+        return Ok(None);
+    }
+    let old = pinned_program(pins)?;
+    let old_info = old.info().map_err(|e| LoaderError::Load(e.to_string()))?;
+    // Same sizes as the maps already pinned, for any map this version adds.
+    let caps = crate::maps::Maps::open(pins)
+        .ok()
+        .and_then(|m| {
+            Some(Capacities {
+                max_v4_hosts: m.capacity(m::MAP_BLOCK_V4).ok()?,
+                max_v6_hosts: m.capacity(m::MAP_BLOCK_V6).ok()?,
+                max_v4_prefixes: m.capacity(m::MAP_BLOCK_NET_V4).ok()?,
+                max_v6_prefixes: m.capacity(m::MAP_BLOCK_NET_V6).ok()?,
+                max_sources: m.capacity(m::MAP_RATELIMIT).ok()?,
+            })
+        })
+        .unwrap_or_default();
+    let mut ebpf = loader_for(pins, &caps)
+        .load(PROGRAM)
+        .map_err(|e| LoaderError::Load(format!("{e:#}")))?;
+    let prog: &mut Xdp = ebpf
+        .program_mut(PROGRAM_NAME)
+        .ok_or_else(|| LoaderError::Load(format!("program {PROGRAM_NAME} missing")))?
+        .try_into()
+        .map_err(|e| LoaderError::Load(format!("{e}")))?;
+    prog.load()
+        .map_err(|e| LoaderError::Load(verifier_error(&e)))?;
+    let new_info = prog.info().map_err(|e| LoaderError::Load(e.to_string()))?;
+    if new_info.tag() == old_info.tag() {
+        return Ok(None);
+    }
+    let new_fd = prog
+        .fd()
+        .map_err(|e| LoaderError::Load(e.to_string()))?
+        .as_fd()
+        .as_raw_fd();
+    for iface in pins.attached() {
+        let path = pins.link(&iface);
+        let link = obj_get(&path).map_err(|e| LoaderError::Pin {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        link_update(link.as_raw_fd(), new_fd).map_err(|e| LoaderError::Pin {
+            path: path.clone(),
+            reason: format!("switching the link to the new program: {e}"),
+        })?;
+    }
+    // Pin under a new name, then rename over the old pin: the pin never goes missing.
+    // bpffs refuses names with a dot.
+    let staged = pins.root().join("prog_new");
+    let _ = std::fs::remove_file(&staged);
+    prog.pin(&staged).map_err(|e| LoaderError::Pin {
+        path: staged.clone(),
+        reason: match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    })?;
+    std::fs::rename(&staged, pins.prog()).map_err(|source| LoaderError::PinDir {
+        path: pins.prog(),
+        source,
+    })?;
+    Ok(Some((old_info.id(), new_info.id())))
+}
+
+/// `BPF_OBJ_GET`: open a pinned object.
+fn obj_get(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+    }
+    let attr = ObjGet {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: a valid bpf_attr prefix for BPF_OBJ_GET and its size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const attr,
+            size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `BPF_LINK_UPDATE`: make a link run another program, atomically.
+fn link_update(link_fd: i32, prog_fd: i32) -> std::io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate {
+        link_fd: link_fd as u32,
+        new_prog_fd: prog_fd as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    // SAFETY: a valid bpf_attr prefix for BPF_LINK_UPDATE and its size.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &raw const attr,
+            size_of::<LinkUpdate>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Remove an interface's link: the program stops running there.

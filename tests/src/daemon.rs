@@ -184,3 +184,77 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// Replace the pinned program (and every pinned link's program) with a two-instruction XDP
+/// program that drops everything, as an "old version" of the filter to upgrade from. Returns its
+/// program id.
+pub fn pin_drop_all_program(pin_dir: &std::path::Path) -> u32 {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    // r0 = XDP_DROP (1); exit
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0x00, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = c"GPL";
+    let mut attr = [0u8; 128];
+    let put = |a: &mut [u8; 128], off: usize, bytes: &[u8]| {
+        a[off..off + bytes.len()].copy_from_slice(bytes)
+    };
+    put(&mut attr, 0, &6u32.to_ne_bytes()); // prog_type = BPF_PROG_TYPE_XDP
+    put(&mut attr, 4, &2u32.to_ne_bytes()); // insn_cnt
+    put(&mut attr, 8, &(insns.as_ptr() as u64).to_ne_bytes());
+    put(&mut attr, 16, &(license.as_ptr() as u64).to_ne_bytes());
+    put(&mut attr, 48, b"drop_all\0"); // prog_name
+    put(&mut attr, 68, &37u32.to_ne_bytes()); // expected_attach_type = BPF_XDP
+    // SAFETY: a valid bpf_attr for BPF_PROG_LOAD (cmd 5).
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a fresh fd from the kernel.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let path_attr = |path: &std::path::Path, fd: i32| {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        let mut a = [0u8; 128];
+        a[0..8].copy_from_slice(&(c.as_ptr() as u64).to_ne_bytes());
+        a[8..12].copy_from_slice(&(fd as u32).to_ne_bytes());
+        (c, a)
+    };
+    for entry in std::fs::read_dir(pin_dir.join("links")).unwrap().flatten() {
+        let (_c, a) = path_attr(&entry.path(), 0);
+        // SAFETY: BPF_OBJ_GET (cmd 7) with a valid path.
+        let link = unsafe { libc::syscall(libc::SYS_bpf, 7, a.as_ptr(), a.len()) };
+        assert!(link >= 0, "BPF_OBJ_GET {}", entry.path().display());
+        // SAFETY: a fresh fd from the kernel.
+        let link = unsafe { OwnedFd::from_raw_fd(link as i32) };
+        let mut u = [0u8; 128];
+        u[0..4].copy_from_slice(&(link.as_raw_fd() as u32).to_ne_bytes());
+        u[4..8].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+        // SAFETY: BPF_LINK_UPDATE (cmd 29).
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, 29, u.as_ptr(), u.len()) };
+        assert_eq!(
+            rc,
+            0,
+            "BPF_LINK_UPDATE: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let pin = pin_dir.join("prog");
+    std::fs::remove_file(&pin).unwrap();
+    let (_c, a) = path_attr(&pin, prog.as_raw_fd());
+    // SAFETY: BPF_OBJ_PIN (cmd 6).
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 6, a.as_ptr(), a.len()) };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // BPF_OBJ_GET_INFO_BY_FD (cmd 15): the id is the second u32 of bpf_prog_info.
+    let mut info = [0u8; 256];
+    let mut a = [0u8; 128];
+    a[0..4].copy_from_slice(&(prog.as_raw_fd() as u32).to_ne_bytes());
+    a[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+    a[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: valid info buffer of the stated length.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, 15, a.as_ptr(), a.len()) };
+    assert_eq!(rc, 0, "BPF_OBJ_GET_INFO_BY_FD");
+    u32::from_ne_bytes(info[4..8].try_into().unwrap())
+}

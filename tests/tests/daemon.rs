@@ -15,7 +15,7 @@ use std::{
 
 use integration_tests::{
     Instance,
-    daemon::{Daemon, free_port},
+    daemon::{Daemon, free_port, pin_drop_all_program},
     netns::{Netns, Sink, Topology, send_udp, send_udp_paced, v4},
 };
 use serde_json::Value;
@@ -242,7 +242,7 @@ fn sighup_applies_a_good_config_and_keeps_the_running_one_on_a_bad_one() {
 }
 
 /// The restart test: a flood from a blocked source goes on while the daemon is killed (-9),
-/// started again, stopped (SIGTERM) and started again; the receiver sees none of it, and a
+/// started again, stopped (SIGTERM), started again and reloaded (SIGHUP) three times; the receiver sees none of it, and a
 /// legitimate source keeps getting through.
 #[test]
 fn restarts_and_kill_9_open_no_window_for_blocked_traffic() {
@@ -266,6 +266,12 @@ fn restarts_and_kill_9_open_no_window_for_blocked_traffic() {
         assert!(d2.stop().success());
         std::thread::sleep(Duration::from_millis(300));
         let d3 = Daemon::start(&topo.server, &inst, &cfg);
+        // Config reloads during the flood, too.
+        for _ in 0..3 {
+            d3.signal(libc::SIGHUP);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        d3.wait_log_count("config reloaded", 3, Duration::from_secs(10));
         let r = (flood.join().unwrap(), legit_flow.join().unwrap());
         drop(d3);
         r
@@ -598,5 +604,50 @@ fn daemon_runs_feeds_and_the_crowdsec_bouncer() {
         owners(&from_feed.to_string()).is_empty()
     });
     assert_eq!(owners(&from_lapi.to_string()), ["crowdsec"]);
+    assert!(d.stop().success());
+}
+
+/// A program upgrade: the filter runs an older program (here a stand-in that drops everything);
+/// starting the daemon loads the built-in one against the same maps and switches every link to
+/// it atomically. A flood from a blocked source never gets through, before, during or after;
+/// legitimate traffic starts flowing once the new program runs.
+#[test]
+fn program_upgrade_switches_links_with_no_window() {
+    let topo = Topology::new();
+    let inst = Instance::new("dupgrade");
+    af_ok(&topo.server, &inst, &["attach", "s0"]);
+    let (blocked, legit) = (v4(1, 5), v4(1, 6));
+    af_ok(&topo.server, &inst, &["block", &blocked.to_string()]);
+    let old_id = pin_drop_all_program(&inst.pin_dir);
+    assert_eq!(status(&topo.server, &inst)["program_id"], old_id);
+    let sink = Sink::start(&topo.server);
+    let dst = SocketAddr::new(topo.server_addr_for(0, blocked), sink.udp_port);
+    let (flood_sent, legit_sent, d) = std::thread::scope(|s| {
+        let flood =
+            s.spawn(|| send_udp_paced(&topo.client, blocked, dst, 2000, Duration::from_secs(4)));
+        let legit_flow =
+            s.spawn(|| send_udp_paced(&topo.client, legit, dst, 200, Duration::from_secs(4)));
+        std::thread::sleep(Duration::from_millis(1000));
+        let d = Daemon::start(&topo.server, &inst, &base_config("s0", ""));
+        (flood.join().unwrap(), legit_flow.join().unwrap(), d)
+    });
+    sink.settle();
+    let line = d.wait_log("program upgraded in place", Duration::from_secs(1));
+    let new_id = status(&topo.server, &inst)["program_id"].as_u64().unwrap();
+    assert_ne!(new_id, u64::from(old_id), "{line}");
+    assert!(flood_sent > 5000);
+    assert_eq!(
+        sink.udp_from(blocked),
+        0,
+        "blocked packets reached the receiver"
+    );
+    let got = sink.udp_from(legit);
+    assert!(
+        got > 0 && got < legit_sent,
+        "legitimate traffic dropped by the old program, served by the new one: {got} of {legit_sent}"
+    );
+    // The new program counts and filters as before.
+    let c = counters(&topo.server, &inst, "s0");
+    assert!(c.get("drop_blocklist").copied().unwrap_or(0) > 0, "{c:?}");
     assert!(d.stop().success());
 }
