@@ -24,7 +24,7 @@ if [[ -z ${APIFILTER:-} || ! -x ${APIFILTER} ]]; then
     echo "demo.sh: set APIFILTER to the apifilter binary (\`cargo xtask demo\` does this)" >&2
     exit 1
 fi
-for tool in ip nsenter python3 timeout; do
+for tool in ip nsenter python3 timeout curl; do
     command -v "$tool" >/dev/null || { echo "demo.sh: $tool is missing (run \`cargo xtask setup\`)" >&2; exit 1; }
 done
 
@@ -191,8 +191,66 @@ for client in 198.18.0.2 "$GOOD" "$BAD" "$BAD_RANGE" 2001:db8::2 "$BAD6"; do
 done
 say "veth afd0 ($SERVER4, $SERVER6) <-> afd1 (clients $GOOD, $BAD, $BAD_RANGE, $BAD6)"
 
-heading "2. Attach the filter to afd0 (mode auto: native XDP if the driver has it, else generic)"
-af attach afd0
+heading "2. Start the daemon: apifilter run --config demo.toml"
+cat >"$WORK/demo-feed.txt" <<EOF
+# demo-feed: sources our detection flagged (empty for now)
+EOF
+write_config() { # write_config [EXTRA TOML]
+    cat >"$WORK/demo.toml" <<EOF
+# The daemon attaches the filter, restores state and runs the feed, counters and metrics.
+interfaces = ["afd0"]
+
+[[feed]]
+name = "demo-feed"
+url = "file://$WORK/demo-feed.txt"   # re-read within 2 s of a change
+
+[logging]
+counters_interval = "1s"     # kernel counters to the log every second (default 10 s)
+drop_events_interval = "2s"  # top dropped sources, from the kernel's sampled drop events
+
+[metrics]
+listen = "127.0.0.1:9477"    # Prometheus, on the gateway's loopback
+${1:-}
+EOF
+}
+write_config
+sed 's/^/   | /' "$WORK/demo.toml"
+af check-config --config "$WORK/demo.toml"
+printf '%s   $ apifilter --log-format json run --config demo.toml &%s\n' "$DIM" "$RESET"
+"${AF[@]}" --log-format json run --config "$WORK/demo.toml" 2>"$WORK/daemon.log" &
+DAEMON=$!
+PIDS+=("$DAEMON")
+# show_log PATTERN: the daemon's log lines matching PATTERN since the last call, made readable.
+LOG_SEEN=0
+show_log() {
+    python3 - "$WORK/daemon.log" "$LOG_SEEN" "$1" <<'PY'
+import json, re, sys
+path, seen, pattern = sys.argv[1], int(sys.argv[2]), re.compile(sys.argv[3])
+for line in open(path).read().splitlines()[seen:]:
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        continue
+    fields = rec.get("fields", {})
+    msg = fields.pop("message", "")
+    if not pattern.search(msg):
+        continue
+    rest = " ".join(f"{k}={v}" for k, v in fields.items())
+    print(f"   {rec.get('level', ''):5} {msg:<30} {rest}")
+PY
+    LOG_SEEN=$(wc -l <"$WORK/daemon.log")
+}
+wait_log() { # wait_log PATTERN: wait up to 20 s for a daemon log line
+    for _ in $(seq 200); do
+        if grep -q "$1" "$WORK/daemon.log"; then return 0; fi
+        kill -0 "$DAEMON" 2>/dev/null || { cat "$WORK/daemon.log" >&2; return 1; }
+        sleep 0.1
+    done
+    cat "$WORK/daemon.log" >&2
+    return 1
+}
+wait_log "filter attached and state restored"
+show_log "attached|restored|metrics"
 af status
 
 heading "3. Start a UDP server on port 9000 in $GW; it counts datagrams per source"
@@ -208,7 +266,7 @@ say "listening on [::]:9000 (IPv4 and IPv6)"
 heading "4. No rules yet: every client gets through"
 for client in "$GOOD" "$BAD" "$BAD_RANGE" "$BAD6"; do send_from "$client" 50; done
 
-heading "5. Import a blocklist feed (plain format: one address or CIDR per line, # comments)"
+heading "5. The sample feed gets entries; the daemon applies them as a diff"
 cat >"$WORK/demo-feed.txt" <<EOF
 # demo-feed: sources our detection flagged
 $BAD            # a single abusive host
@@ -216,39 +274,53 @@ $BAD            # a single abusive host
 $BAD6           # an IPv6 host
 EOF
 sed 's/^/   | /' "$WORK/demo-feed.txt"
-af import "$WORK/demo-feed.txt" --format plain --source demo-feed
+for _ in $(seq 100); do
+    if "${AF[@]}" list --blocked | grep -q "$BAD6"; then break; fi
+    sleep 0.1
+done
+show_log "feed"
 af list
 
 heading "6. Same traffic again: the blocked sources are dropped in XDP, before the kernel's stack"
 for client in "$GOOD" "$BAD" "$BAD_RANGE" "$BAD6"; do send_from "$client" 50; done
 
-heading "7. Rate limit every source to 100 packets/s with a burst of 20"
-af ratelimit set --pps 100 --burst 20
+heading "7. Add a rate limit to the config and reload it (SIGHUP): 100 packets/s, burst 20 per source"
+write_config $'\n[ratelimit]\npps = 100\nburst = 20'
+af check-config --config "$WORK/demo.toml"
+kill -HUP "$DAEMON"
+wait_log "config reloaded"
+show_log "reload"
 af ratelimit show
 say "flood from $GOOD: 2000 packets/s for 2 s; expect about 20 + 2 x 100 = 220 through"
 send_from "$GOOD" 4000 2000
 
-heading "8. The kernel's counters, per interface and reason"
-af stats
-
-heading "9. Live counters while traffic flows (stats --watch 1, for 4 s)"
-say "sending 300 packets/s from $GOOD (rate limited) and from $BAD (blocked) meanwhile"
-printf '%s   $ apifilter stats --watch 1%s\n' "$DIM" "$RESET"
-timeout 4 "${AF[@]}" stats --watch 1 &
-watch_pid=$!
+heading "8. The daemon streams the kernel's counters, and the sources it drops, to its log"
+say "sending 300 packets/s from $GOOD (rate limited) and from $BAD (blocked) for 3 s ..."
+show_log "^$" # skip what came before
 ip netns exec "$NET" python3 "$WORK/udp.py" send "$GOOD" "$SERVER4" 900 300 &
 sender_pid=$!
 ip netns exec "$NET" python3 "$WORK/udp.py" send "$BAD" "$SERVER4" 900 300
 wait "$sender_pid"
-wait "$watch_pid" || true # timeout ends it with status 124
+sleep 2.2
+show_log "counters|dropped source|jumped"
+say "the same counters for Prometheus:"
+printf '%s   $ curl -s http://127.0.0.1:9477/metrics | grep kernel_packets%s\n' "$DIM" "$RESET"
+nsenter "--net=/run/netns/$GW" curl -s http://127.0.0.1:9477/metrics |
+    grep '^apifilter_kernel_packets_total{iface="afd0"' | grep -v ' 0$' | sed 's/^/   /'
 
-heading "10. A temporary ban: block $GOOD for 5 s"
+heading "9. A temporary ban from the CLI, next to the running daemon: block $GOOD for 5 s"
 af block "$GOOD" --ttl 5s --comment "demo"
 af list --blocked
 send_from "$GOOD" 20 50
-say "waiting 6 s; no apifilter process runs meanwhile ..."
+say "waiting 6 s; the kernel lifts it on its own (its expiry is on the boot-time clock) ..."
 sleep 6
-say "the entry expired in the kernel on its own (its expiry is on the boot-time clock):"
+send_from "$GOOD" 20 50
+
+heading "10. Stop the daemon (SIGTERM): the filter stays attached and enforcing"
+kill -TERM "$DAEMON"
+wait "$DAEMON" || true
+show_log "stopping"
+send_from "$BAD" 50
 send_from "$GOOD" 20 50
 
 heading "11. Monitor mode: nothing is dropped, but what would have been is counted"
@@ -256,11 +328,8 @@ af mode monitor
 send_from "$BAD" 50
 af stats
 af mode enforce
-say "enforcing again:"
-send_from "$BAD" 50
 
-heading "12. Rate limit off, then detach: the filter is gone"
-af ratelimit off
+heading "12. Detach: the filter is gone"
 af detach --all
 send_from "$BAD" 50
 
