@@ -5,6 +5,7 @@ pub mod cidr;
 pub mod cli;
 pub mod clock;
 pub mod commands;
+pub mod detect;
 pub mod formats;
 pub mod loader;
 pub mod maps;
