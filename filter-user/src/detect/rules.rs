@@ -12,7 +12,7 @@
 //! matches) and then check a context window of at most [`WINDOW`] bytes around each match, so
 //! a field of `n` bytes costs `O(n)`.
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 
 use super::Category;
 
@@ -71,6 +71,8 @@ enum Left {
     Word,
     /// As `Word`, and not preceded by `.` either (so `time.sleep(` is a method call).
     WordNoDot,
+    /// Preceded by `(`, `,`, `=` or `[`: a name used as a value.
+    ValueStart,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -82,6 +84,8 @@ enum Right {
     Call,
     /// Followed by `(` or a backtick (tagged template call).
     CallOrTick,
+    /// Followed by `)`, `,`, `]` or `;`: a name used as a value.
+    ValueEnd,
 }
 
 /// A keyword signature on the canonical text.
@@ -199,6 +203,30 @@ const SIGS: &[Sig] = &[
     sig("alert", X, "xss.js_call", STRONG, LN, RT),
     sig("prompt", X, "xss.js_call", STRONG, LN, RT),
     sig("confirm", X, "xss.js_call", STRONG, LN, RT),
+    sig(
+        "alert",
+        X,
+        "xss.js_call",
+        STRONG,
+        Left::ValueStart,
+        Right::ValueEnd,
+    ),
+    sig(
+        "prompt",
+        X,
+        "xss.js_call",
+        STRONG,
+        Left::ValueStart,
+        Right::ValueEnd,
+    ),
+    sig(
+        "confirm",
+        X,
+        "xss.js_call",
+        STRONG,
+        Left::ValueStart,
+        Right::ValueEnd,
+    ),
     sig("fromcharcode", X, "xss.js_call", STRONG, LA, RC),
     sig("document.cookie", X, "xss.js_call", STRONG, LW, RA),
     sig("document.domain", X, "xss.js_call", STRONG, LW, RA),
@@ -430,6 +458,7 @@ pub struct Rules {
     sigs: AhoCorasick,
     compact: AhoCorasick,
     commands: AhoCorasick,
+    sql_gate: AhoCorasick,
 }
 
 impl Rules {
@@ -438,6 +467,7 @@ impl Rules {
         let build = |pats: Vec<&str>| {
             AhoCorasickBuilder::new()
                 .match_kind(MatchKind::Standard)
+                .kind(Some(AhoCorasickKind::DFA))
                 .build(pats)
                 .unwrap_or_else(|e| unreachable!("static patterns compile: {e}"))
         };
@@ -445,6 +475,11 @@ impl Rules {
             sigs: build(SIGS.iter().map(|s| s.pat).collect()),
             compact: build(COMPACT_SIGS.iter().map(|s| s.0).collect()),
             commands: build(COMMANDS.iter().map(|c| c.0).collect()),
+            sql_gate: AhoCorasickBuilder::new()
+                .match_kind(MatchKind::LeftmostFirst)
+                .kind(Some(AhoCorasickKind::DFA))
+                .build(SQL_GATE)
+                .unwrap_or_else(|e| unreachable!("static patterns compile: {e}")),
         }
     }
 
@@ -495,14 +530,20 @@ impl Rules {
                     });
                 }
             }
-            event_handlers(canon, emit);
-        }
-        if enabled.xss {
-            js_references(canon, emit);
+            if memchr::memchr(b'=', canon).is_some() {
+                event_handlers(canon, emit);
+            }
         }
         if enabled.sqli {
-            tautologies(canon, emit);
-            quote_comments(canon, emit);
+            if memchr::memchr3(b'=', b'<', b'>', canon).is_some()
+                || comment_tail(canon)
+                || memchr::memmem::find(canon, b"like").is_some()
+            {
+                tautologies(canon, emit);
+            }
+            if memchr::memchr2(b'-', b'#', canon).is_some() {
+                quote_comments(canon, emit);
+            }
         }
         if enabled.cmd {
             self.commands(canon, emit);
@@ -512,7 +553,7 @@ impl Rules {
             traversal(canon, path, emit);
         }
         if enabled.sqli || enabled.xss {
-            libinjection(text, enabled, emit);
+            libinjection(text, canon, &self.sql_gate, enabled, emit);
         }
     }
 
@@ -577,6 +618,7 @@ fn left_ok(text: &[u8], start: usize, left: Left) -> bool {
         Left::Any => true,
         Left::Word => !is_word(prev),
         Left::WordNoDot => !is_word(prev) && prev != b'.',
+        Left::ValueStart => matches!(prev, b'(' | b',' | b'=' | b'['),
     }
 }
 
@@ -585,6 +627,7 @@ fn right_ok(text: &[u8], end: usize, right: Right) -> bool {
     match right {
         Right::Any => true,
         Right::Word => next.is_none_or(|b| !is_word(b)),
+        Right::ValueEnd => matches!(next, Some(b')' | b',' | b']' | b';')),
         Right::Call | Right::CallOrTick => {
             let after = text[end..]
                 .iter()
@@ -645,9 +688,12 @@ fn canonicalize(text: &[u8], out: &mut Vec<u8>) {
 /// Event-handler attributes (`onerror=`) after a delimiter an attribute can follow.
 fn event_handlers(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
     let mut from = 0;
-    while let Some(off) = memchr::memmem::find(&canon[from..], b"on") {
+    while let Some(off) = memchr::memchr(b'o', &canon[from..]) {
         let at = from + off;
-        from = at + 2;
+        from = at + 1;
+        if canon.get(at + 1) != Some(&b'n') {
+            continue;
+        }
         let delimited = at == 0
             || matches!(
                 canon[at - 1],
@@ -681,27 +727,6 @@ fn event_handlers(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
             rule: "xss.event_handler",
             score,
         });
-    }
-}
-
-/// `alert`, `prompt` or `confirm` passed around as a value: `(alert)(1)`, `[1].find(alert)`,
-/// `a=alert,a(1)`.
-fn js_references(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
-    for name in [&b"alert"[..], b"prompt", b"confirm"] {
-        for at in memchr::memmem::find_iter(canon, name) {
-            let before = at.checked_sub(1).map(|i| canon[i]);
-            let after = canon.get(at + name.len()).copied();
-            if matches!(before, Some(b'(' | b',' | b'=' | b'['))
-                && matches!(after, Some(b')' | b',' | b']' | b';'))
-            {
-                emit(Hit {
-                    category: X,
-                    rule: "xss.js_call",
-                    score: STRONG,
-                });
-                return;
-            }
-        }
     }
 }
 
@@ -1004,7 +1029,9 @@ fn templates(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
 
 /// Dot-dot segments (`../`, `..\`, `....//`, `..;/`), and runs of `./`.
 fn traversal(canon: &[u8], path: &mut Vec<u8>, emit: &mut dyn FnMut(Hit)) {
-    if memchr::memchr(b'.', canon).is_none() && memchr::memmem::find(canon, b"0x2e").is_none() {
+    let dotted =
+        memchr::memchr(b'.', canon).is_some() && memchr::memchr2(b'/', b'\\', canon).is_some();
+    if !dotted && memchr::memmem::find(canon, b"0x2").is_none() {
         return;
     }
     // Spell separators one way; `0x2e`-style hex spellings become the bytes they name.
@@ -1057,36 +1084,127 @@ fn traversal(canon: &[u8], path: &mut Vec<u8>, emit: &mut dyn FnMut(Hit)) {
     }
 }
 
-/// libinjection's SQLi and XSS detectors, each run only when the text holds a byte its grammar
-/// needs (a value of letters, digits and spaces is neither).
-fn libinjection(text: &[u8], enabled: Enabled, emit: &mut dyn FnMut(Hit)) {
+/// Words and marks without which libinjection's SQL grammar finds no injection in text whose
+/// only quotes are apostrophes inside words. Checking them first keeps libinjection, the
+/// costliest rule, off most ordinary text such as user agents and prose.
+const SQL_GATE: &[&str] = &[
+    "--",
+    "#",
+    "@@",
+    "0x",
+    ";",
+    "select",
+    "union",
+    "insert",
+    "update",
+    "delete",
+    "drop",
+    "exec",
+    "execute",
+    "declare",
+    "waitfor",
+    "sleep",
+    "benchmark",
+    "having",
+    "order by",
+    "group by",
+    "into",
+    "where",
+    "limit",
+    "procedure",
+    "case",
+    "when",
+    "null",
+    "between",
+    "rlike",
+    "regexp",
+    "like",
+    "char",
+    "concat",
+    "cast",
+    "convert",
+    "substring",
+    "ascii",
+    "version",
+    "database",
+    "schema",
+    "exists",
+    "shutdown",
+    "truncate",
+    "alter",
+    "create",
+    "grant",
+    "or",
+    "and",
+    "xor",
+    "||",
+    "&&",
+    "not",
+    "div",
+    "mod",
+];
+
+/// Whether libinjection's SQLi detector could find anything in `canon`.
+fn sql_gate(gate: &AhoCorasick, canon: &[u8]) -> bool {
+    let letter = |i: Option<usize>| {
+        i.and_then(|i| canon.get(i))
+            .is_some_and(u8::is_ascii_alphabetic)
+    };
+    let quoted = canon.iter().enumerate().any(|(i, &b)| {
+        b == b'"' || b == b'`' || (b == b'\'' && !(letter(i.checked_sub(1)) && letter(Some(i + 1))))
+    });
+    if quoted {
+        return true;
+    }
+    gate.find_iter(canon).any(|m| {
+        let pat = SQL_GATE[m.pattern().as_usize()].as_bytes();
+        if !pat[0].is_ascii_alphabetic() && !matches!(pat, b"||" | b"&&") {
+            return true;
+        }
+        if pat[0].is_ascii_alphabetic()
+            && !(left_ok(canon, m.start(), Left::Word) && right_ok(canon, m.end(), Right::Word))
+        {
+            return false;
+        }
+        if matches!(
+            pat,
+            b"or" | b"and" | b"xor" | b"||" | b"&&" | b"not" | b"like" | b"div" | b"mod"
+        ) {
+            // A logical operator joins SQL only when an operand that is not a word follows.
+            let next = canon[m.end()..].iter().find(|&&b| b != b' ');
+            return next.is_some_and(|b| !b.is_ascii_alphabetic());
+        }
+        true
+    })
+}
+
+/// libinjection's SQLi and XSS detectors, each run only when the text could hold what its
+/// grammar looks for.
+fn libinjection(
+    text: &[u8],
+    canon: &[u8],
+    gate: &AhoCorasick,
+    enabled: Enabled,
+    emit: &mut dyn FnMut(Hit),
+) {
     let text = &text[..text.len().min(LIBINJECTION_MAX)];
     if text.len() < 2 {
         return;
     }
-    let mut sql_bytes = false;
-    let mut html_bytes = false;
-    for &b in text {
-        match b {
-            b'<' | b'>' | b'=' | b'`' => {
-                html_bytes = true;
-                sql_bytes = true;
-            }
-            b'\'' | b'"' | b'(' | b')' | b';' | b'#' | b'-' | b'/' | b'*' | b',' | b'|' | b'&'
-            | b'!' | b'@' | b'+' | b'%' | b'^' | b'~' => {
-                sql_bytes = true;
-            }
-            _ => {}
-        }
-    }
-    if enabled.sqli && sql_bytes && libinjectionrs::detect_sqli(text).is_injection() {
+    if enabled.sqli && sql_gate(gate, canon) && libinjectionrs::detect_sqli(text).is_injection() {
         emit(Hit {
             category: S,
             rule: "sqli.libinjection",
             score: STRONG,
         });
     }
-    if enabled.xss && html_bytes && libinjectionrs::detect_xss(text).is_injection() {
+    // Outside markup, libinjection's HTML grammar needs an attribute: a name then `=`.
+    let html = memchr::memchr2(b'<', b'`', text).is_some()
+        || memchr::memchr_iter(b'=', text).any(|i| {
+            let before = text[..i].trim_ascii_end();
+            before.last().is_some_and(u8::is_ascii_alphabetic)
+        });
+    if enabled.xss && html && libinjectionrs::detect_xss(text).is_injection() {
         emit(Hit {
             category: X,
             rule: "xss.libinjection",
