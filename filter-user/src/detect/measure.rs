@@ -480,7 +480,7 @@ pub fn measure(detector: &Detector, corpus: &Corpus, benign: &[OwnedRequest]) ->
             let v = detector.inspect(&owned.as_request(&headers));
             if v.reaches(DEFAULT_THRESHOLD) {
                 fp_flagged[i] += 1;
-                if flagged_examples.len() < SAMPLES {
+                if flagged_examples.len() < SAMPLES * 4 && i == 0 {
                     flagged_examples.push(format!(
                         "fp-list {}: {} -> {}",
                         placement.as_str(),
@@ -502,7 +502,7 @@ pub fn measure(detector: &Detector, corpus: &Corpus, benign: &[OwnedRequest]) ->
         benign_time += thread_cpu_ns().saturating_sub(t);
         if v.reaches(DEFAULT_THRESHOLD) {
             benign_flagged += 1;
-            if flagged_examples.len() < SAMPLES * 2 {
+            if flagged_examples.len() < SAMPLES * 8 {
                 flagged_examples.push(format!("benign: {} -> {}", describe(owned), rules_of(&v)));
             }
         }

@@ -180,8 +180,26 @@ const SIGS: &[Sig] = &[
     sig("xp_regread", S, "sqli.procedure", STRONG, LA, RA),
     sig("exec master", S, "sqli.procedure", STRONG, LW, RA),
     sig("drop table", S, "sqli.statement", WEAK, LW, RW),
-    sig("order by", S, "sqli.order_by", WEAK, LW, RW),
-    sig("group by", S, "sqli.order_by", WEAK, LW, RW),
+    sig("order by 0", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 1", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 2", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 3", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 4", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 5", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 6", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 7", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 8", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 9", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 0", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 1", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 2", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 3", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 4", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 5", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 6", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 7", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 8", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 9", S, "sqli.order_by", WEAK, LW, RA),
     // Cross-site scripting
     sig("<script", X, "xss.script_tag", STRONG, LA, RW),
     sig("</script", X, "xss.script_tag", STRONG, LA, RW),
@@ -390,7 +408,6 @@ const COMMANDS: &[(&str, Cmd)] = &[
     ("kill", Cmd::Word),
     ("ps", Cmd::Word),
     ("env", Cmd::Word),
-    ("set", Cmd::Word),
     (
         "net",
         Cmd::Sub(&[
@@ -579,7 +596,7 @@ impl Rules {
                 Context::Substitution => Some("cmdi.substitution"),
                 Context::Separator
                     if kind == Cmd::Distinct
-                        || args == Args::Telling
+                        || matches!(args, Args::Telling | Args::Flag)
                         || (args == Args::None && !matches!(kind, Cmd::Sub(_))) =>
                 {
                     Some("cmdi.separator_command")
@@ -745,10 +762,13 @@ fn quote_comments(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
         let rest = &canon[j..];
         if rest.starts_with(b"--") || rest.starts_with(b"#") {
             let tail = &rest[..rest.len().min(WINDOW)];
-            let score = if memchr::memchr2(b'\'', b'"', tail).is_none() {
-                STRONG
-            } else {
+            let score = if tail
+                .iter()
+                .any(|b| b.is_ascii_alphanumeric() || matches!(b, b'\'' | b'"'))
+            {
                 WEAK
+            } else {
+                STRONG
             };
             emit(Hit {
                 category: S,
@@ -941,6 +961,9 @@ enum Args {
     None,
     /// Shell-looking arguments, at least one of them telling (a flag, a path, a URL).
     Telling,
+    /// Shell-looking arguments whose telling ones are all flags (`ls -la`); search syntax
+    /// looks the same (`cross stitch -pdf`).
+    Flag,
     /// Shell-looking arguments, none telling (`cat 6`).
     Plain,
     /// At least one token reads as prose.
@@ -964,9 +987,10 @@ fn arguments(rest: &[u8], kind: Cmd) -> Args {
         let first = tok[0];
         let pathish = matches!(
             first,
-            b'-' | b'/' | b'\\' | b'.' | b'~' | b'$' | b'*' | b'>' | b'<' | b'"' | b'\''
+            b'/' | b'\\' | b'.' | b'~' | b'$' | b'*' | b'>' | b'<' | b'"' | b'\''
         ) || tok.contains(&b'/')
             || tok.contains(&b'\\');
+        let flag = first == b'-' && tok.len() > 1;
         let telling = pathish
             || (kind == Cmd::Timing && first.is_ascii_digit())
             || (kind == Cmd::Lookup && COMMANDS.iter().any(|(c, _)| c.as_bytes() == tok))
@@ -975,6 +999,10 @@ fn arguments(rest: &[u8], kind: Cmd) -> Args {
         if telling {
             result = Args::Telling;
             licensed |= pathish || matches!(kind, Cmd::Sub(_));
+        } else if flag {
+            if result != Args::Telling {
+                result = Args::Flag;
+            }
         } else if plain || licensed {
             if result == Args::None {
                 result = Args::Plain;
@@ -1008,7 +1036,22 @@ fn templates(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
                 && matches!(w[1], b'*' | b'+' | b'-' | b'/')
                 && w[2].is_ascii_digit()
         }) || body.windows(2).any(|w| w == b"__");
-        let statement = close == b"%}" && body.iter().any(|b| b.is_ascii_alphabetic());
+        let statement = close == b"%}" && {
+            let word = body.trim_ascii_start();
+            [
+                &b"for "[..],
+                b"if ",
+                b"set ",
+                b"import ",
+                b"include ",
+                b"extends ",
+                b"macro ",
+                b"print ",
+                b"exec ",
+            ]
+            .iter()
+            .any(|k| word.starts_with(k))
+        };
         if computes || statement {
             emit(Hit {
                 category: C,
@@ -1178,6 +1221,39 @@ fn sql_gate(gate: &AhoCorasick, canon: &[u8]) -> bool {
     })
 }
 
+/// Whether a libinjection fingerprint is one of the short shapes ordinary text also takes, in
+/// a text that lacks what makes the shape an attack (libinjection's own whitelist does the same
+/// for other shapes):
+/// - number or word then a comment (`1c`, `nc`, `sc`): an attack ends there, prose goes on
+///   (`50% off -- today only!`), and a quote, `)` or a space must precede the comment;
+/// - strings and operators only (`sos`, `s&s`, `so`) or operands joined by a logical operator
+///   (`1&1`): an attack compares something (`=`, `<`, `>`, `(`), prose does not
+///   (`"NOT" STUFFER`, `80% ACRYLIC AND 20% WOOL`);
+/// - a T-SQL statement word called with a bareword argument (`T(n`): `print(f"...")` is
+///   Python.
+fn prose_fingerprint(fp: &[u8], text: &[u8]) -> bool {
+    let fp = &fp[..fp.iter().position(|&b| b == 0).unwrap_or(fp.len())];
+    let compares = text.iter().any(|b| matches!(b, b'=' | b'<' | b'>' | b'('));
+    match fp {
+        [b'1' | b'n' | b's', b'c'] => {
+            let marker = memchr::memmem::find(text, b"--")
+                .or_else(|| memchr::memchr(b'#', text))
+                .unwrap_or(text.len());
+            let ends_there = !text[marker..].iter().any(u8::is_ascii_alphanumeric);
+            let head = &text[..marker];
+            let trimmed = head.trim_ascii_end();
+            let closed = trimmed
+                .last()
+                .is_some_and(|b| matches!(b, b'\'' | b'"' | b')'))
+                || trimmed.len() < head.len();
+            !(ends_there && closed)
+        }
+        b"sos" | b"s&s" | b"so" | b"s&" | b"1&1" | b"n&1" | b"1&n" | b"n&n" => !compares,
+        [b'T', b'(', b'n', ..] => true,
+        _ => false,
+    }
+}
+
 /// libinjection's SQLi and XSS detectors, each run only when the text could hold what its
 /// grammar looks for.
 fn libinjection(
@@ -1191,12 +1267,15 @@ fn libinjection(
     if text.len() < 2 {
         return;
     }
-    if enabled.sqli && sql_gate(gate, canon) && libinjectionrs::detect_sqli(text).is_injection() {
-        emit(Hit {
-            category: S,
-            rule: "sqli.libinjection",
-            score: STRONG,
-        });
+    if enabled.sqli && sql_gate(gate, canon) {
+        let mut state = libinjectionrs::SqliState::new(text, libinjectionrs::SqliFlags::FLAG_NONE);
+        if state.detect() && !prose_fingerprint(state.fingerprint.as_slice(), text) {
+            emit(Hit {
+                category: S,
+                rule: "sqli.libinjection",
+                score: STRONG,
+            });
+        }
     }
     // Outside markup, libinjection's HTML grammar needs an attribute: a name then `=`.
     let html = memchr::memchr2(b'<', b'`', text).is_some()
