@@ -13,8 +13,8 @@
 //! - `payloadsallthethings/<category>/*` are raw payloads; the `{FILE}` placeholder of the
 //!   traversal lists is filled with `etc/passwd`, the file such lists are meant to reach.
 //! - `#` lines are comments; empty lines and duplicates are dropped.
-//! - Probes are not counted as attacks: lines that hold no letter or digit once escape
-//!   spellings are taken out (`'`, `;`, `%0a`, `\r\n`), and lines that are one bare word
+//! - Probes are not counted as attacks: lines that hold no letter or digit once decoded and
+//!   escape spellings are taken out (`'`, `;`, `%0a`, `\r\n`, `&#x3C;`), and lines that are one bare word
 //!   (`onAbort`, `FSCommand`, `whoami`, `ls`). The first test how a target reacts to a delimiter,
 //!   the second are names fuzzers put into a context of their own; neither carries a payload a
 //!   detector could tell from punctuation or a word. The report states how many were set aside.
@@ -203,7 +203,8 @@ fn url_decode_once(line: &[u8]) -> Vec<u8> {
 
 /// Whether a line is a probe rather than a payload (see the module docs).
 pub fn is_probe(payload: &[u8]) -> bool {
-    let decoded = url_decode_once(payload);
+    let (mut decoded, mut tmp, mut work) = (Vec::new(), Vec::new(), super::decode::Work::default());
+    super::decode::normalize(payload, true, &mut decoded, &mut tmp, &mut work);
     let word = decoded.trim_ascii();
     if !word.is_empty() && word.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_') {
         return true;
@@ -1199,7 +1200,9 @@ mod tests {
 
     #[test]
     fn probes_are_recognised() {
-        for p in ["'", "; ", "%0a%0d", "\\r\\n", "'\"", "`"] {
+        for p in [
+            "'", "; ", "%0a%0d", "\\r\\n", "'\"", "`", "&#x003C;", "\\x3c",
+        ] {
             assert!(is_probe(p.as_bytes()), "{p}");
         }
         assert!(is_probe(b"onAbort") && is_probe(b"whoami"));
