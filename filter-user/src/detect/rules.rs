@@ -558,6 +558,7 @@ impl Rules {
                         score: STRONG,
                     });
                 }
+                obfuscated_hosts(compact, emit);
             }
             if memchr::memchr(b'=', canon).is_some() {
                 event_handlers(canon, emit);
@@ -711,6 +712,49 @@ fn canonicalize(text: &[u8], out: &mut Vec<u8>) {
     }
     if let Some(s) = space {
         out.push(s);
+    }
+}
+
+/// URLs whose host is an IPv4 address spelled to slip past filters: one decimal number
+/// (`http://1113982867/`), hex parts (`0x42.0x0000066...`) or octal parts (`0102.0146...`).
+fn obfuscated_hosts(compact: &[u8], emit: &mut dyn FnMut(Hit)) {
+    for at in memchr::memmem::find_iter(compact, b"://") {
+        let host_start = at + 3;
+        let host: &[u8] = compact[host_start..]
+            .iter()
+            .take(64)
+            .position(|b| matches!(b, b'/' | b'"' | b'\'' | b'>' | b'?' | b'#' | b':'))
+            .map_or(
+                &compact[host_start..(host_start + 64).min(compact.len())],
+                |end| &compact[host_start..host_start + end],
+            );
+        if host.is_empty()
+            || !host
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b'.' | b'x'))
+        {
+            continue;
+        }
+        let parts: Vec<&[u8]> = host.split(|&b| b == b'.').collect();
+        let numeric = parts.iter().all(|p| {
+            !p.is_empty()
+                && (p.iter().all(u8::is_ascii_digit)
+                    || (p.starts_with(b"0x")
+                        && p.len() > 2
+                        && p[2..].iter().all(u8::is_ascii_hexdigit)))
+        });
+        let disguised = parts
+            .iter()
+            .any(|p| p.starts_with(b"0x") || (p.len() > 1 && p[0] == b'0'))
+            || (parts.len() == 1 && host.len() > 3);
+        if numeric && disguised && parts.len() <= 4 {
+            emit(Hit {
+                category: X,
+                rule: "xss.obfuscated_host",
+                score: STRONG,
+            });
+            return;
+        }
     }
 }
 
