@@ -433,7 +433,7 @@ const SAMPLES: usize = 12;
 
 /// Runs the whole measurement with `detector` on `corpus` and `benign` requests.
 pub fn measure(detector: &Detector, corpus: &Corpus, benign: &[OwnedRequest]) -> Report {
-    let mut rng = Rng::new(0x5eed_a77a_c4);
+    let mut rng = Rng::new(0x005e_eda7_7ac4);
     let mut attack_time = 0u128;
     let mut attack_count = 0usize;
     let mut categories = Vec::new();
@@ -976,7 +976,7 @@ fn markdown(rng: &mut Rng) -> String {
         );
     }
     if rng.chance(30) {
-        let _ = write!(s, "> {}\n", rng.pick(SENTENCES));
+        let _ = writeln!(s, "> {}", rng.pick(SENTENCES));
     }
     s
 }
@@ -1061,7 +1061,7 @@ fn json_value(rng: &mut Rng, depth: usize) -> String {
 /// with names, addresses, prose, markdown, code snippets, tokens and dates, form logins, and
 /// the headers and cookies browsers and API clients send.
 pub fn benign_requests(n: usize) -> Vec<OwnedRequest> {
-    let mut rng = Rng::new(0xbe41_9e);
+    let mut rng = Rng::new(0x00be_419e);
     (0..n).map(|_| benign_request(&mut rng)).collect()
 }
 
@@ -1206,7 +1206,7 @@ mod tests {
             assert!(is_probe(p.as_bytes()), "{p}");
         }
         assert!(is_probe(b"onAbort") && is_probe(b"whoami"));
-        for p in ["`id`", ";ls", "..%2f", "uname -a"] {
+        for p in ["`id`", ";ls", "..%2fetc", "uname -a"] {
             assert!(!is_probe(p.as_bytes()), "{p}");
         }
     }

@@ -191,7 +191,7 @@ impl Verdict {
                 None => out.push((f.category, f.score)),
             }
         }
-        out.sort_by(|a, b| b.1.cmp(&a.1));
+        out.sort_by_key(|c| std::cmp::Reverse(c.1));
         out.into_iter().map(|(c, _)| c).collect()
     }
 
@@ -670,8 +670,9 @@ mod tests {
     fn large_adversarial_input_is_linear() {
         // 1 MiB of nested encodings and near-miss keywords: the decoders' work counter stays
         // within their bound and inspection finishes (no wall-clock assertion).
-        let unit = "%25%32%65%26lt%3B\\u00%u2e..%2f union /* select or 1= {{ $( `";
-        let big: String = unit.repeat((1 << 20) / unit.len());
+        let unit = "%25%32%65%26lt%3B\\u00%u2e..%2f union select or 1= {{ $( ` &#x3c;";
+        let mut big: String = unit.repeat((1 << 20) / unit.len());
+        big.push_str("<script>alert(1)</script>");
         let mut work = decode::Work::default();
         let (mut out, mut tmp) = (Vec::new(), Vec::new());
         decode::normalize(big.as_bytes(), true, &mut out, &mut tmp, &mut work);
@@ -681,6 +682,6 @@ mod tests {
             &[],
             Some(("text/plain", big.as_bytes())),
         ));
-        assert!(v.score > 0);
+        assert!(v.reaches(DEFAULT_THRESHOLD));
     }
 }

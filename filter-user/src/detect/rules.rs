@@ -848,7 +848,8 @@ fn comment_tail(canon: &[u8]) -> bool {
 }
 
 /// One operand of a comparison: a number, a quoted string or an identifier (read at most
-/// [`WINDOW`] bytes). Returns its length.
+/// [`WINDOW`] bytes). A string left open at the end of the text counts: the application's
+/// own closing quote ends it (`x' or 'a'='a`). Returns its length.
 fn operand(s: &[u8]) -> Option<usize> {
     match s.first()? {
         b'0'..=b'9' => Some(
@@ -857,19 +858,21 @@ fn operand(s: &[u8]) -> Option<usize> {
                 .take_while(|b| b.is_ascii_digit() || **b == b'.')
                 .count(),
         ),
-        q @ (b'\'' | b'"') => {
-            let close = s[1..].iter().take(WINDOW).position(|b| b == q)?;
-            Some(close + 2)
-        }
+        q @ (b'\'' | b'"') => match s[1..].iter().take(WINDOW).position(|b| b == q) {
+            Some(close) => Some(close + 2),
+            None if s.len() <= WINDOW => Some(s.len()),
+            None => None,
+        },
         b'a'..=b'z' | b'_' => Some(s.iter().take(WINDOW).take_while(|b| is_word(**b)).count()),
         _ => None,
     }
 }
 
-/// Strips the quotes of a quoted operand, so `'1'` and `1` compare equal.
+/// Strips the quotes of a quoted operand, so `'1'`, `'1` and `1` compare equal.
 fn unquote(op: &[u8]) -> &[u8] {
     match op {
         [q @ (b'\'' | b'"'), inner @ .., last] if q == last => inner,
+        [b'\'' | b'"', inner @ ..] => inner,
         _ => op,
     }
 }
@@ -1168,13 +1171,7 @@ fn traversal(canon: &[u8], path: &mut Vec<u8>, emit: &mut dyn FnMut(Hit)) {
             rule: "traversal.dot_segments",
             score: STRONG,
         });
-    } else if dotdot == 1 {
-        emit(Hit {
-            category: T,
-            rule: "traversal.dot_segments",
-            score: WEAK,
-        });
-    } else if dot_runs >= 3 {
+    } else if dotdot == 1 || dot_runs >= 3 {
         emit(Hit {
             category: T,
             rule: "traversal.dot_segments",
