@@ -8,8 +8,8 @@
 //!   one space (a newline when the run held one, since shells treat it as a separator);
 //! - the *compact* text: canonical without any whitespace, for `java\tscript:`-style splits.
 //!
-//! Keyword rules find their keywords with Aho-Corasick automata (linear in the text plus the
-//! matches) and then check a context window of at most [`WINDOW`] bytes around each match, so
+//! Keyword rules find their keywords with Aho-Corasick automata (leftmost-longest, linear in
+//! the text) and then check a context window of at most [`WINDOW`] bytes around each match, so
 //! a field of `n` bytes costs `O(n)`.
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
@@ -495,7 +495,7 @@ impl Rules {
     pub fn new() -> Self {
         let build = |pats: Vec<&str>| {
             AhoCorasickBuilder::new()
-                .match_kind(MatchKind::Standard)
+                .match_kind(MatchKind::LeftmostLongest)
                 .kind(Some(AhoCorasickKind::DFA))
                 .build(pats)
                 .unwrap_or_else(|e| unreachable!("static patterns compile: {e}"))
@@ -532,17 +532,20 @@ impl Rules {
         canonicalize(text, canon);
         let canon = &canon[..];
 
-        for m in self.sigs.find_overlapping_iter(canon) {
-            let s = &SIGS[m.pattern().as_usize()];
-            if enabled.on(s.category)
-                && left_ok(canon, m.start(), s.left)
-                && right_ok(canon, m.end(), s.right)
-            {
-                emit(Hit {
-                    category: s.category,
-                    rule: s.rule,
-                    score: s.score,
-                });
+        for m in self.sigs.find_iter(canon) {
+            let pat = SIGS[m.pattern().as_usize()].pat;
+            // A keyword may carry several signatures with different contexts.
+            for s in SIGS.iter().filter(|s| s.pat == pat) {
+                if enabled.on(s.category)
+                    && left_ok(canon, m.start(), s.left)
+                    && right_ok(canon, m.end(), s.right)
+                {
+                    emit(Hit {
+                        category: s.category,
+                        rule: s.rule,
+                        score: s.score,
+                    });
+                }
             }
         }
         if enabled.xss {
@@ -550,7 +553,7 @@ impl Rules {
             {
                 compact.clear();
                 compact.extend(canon.iter().copied().filter(|b| !matches!(b, b' ' | b'\n')));
-                for m in self.compact.find_overlapping_iter(&compact[..]) {
+                for m in self.compact.find_iter(&compact[..]) {
                     let (_, rule) = COMPACT_SIGS[m.pattern().as_usize()];
                     emit(Hit {
                         category: X,
@@ -589,7 +592,7 @@ impl Rules {
 
     /// Command names after a shell separator, inside a substitution, or opening the value.
     fn commands(&self, canon: &[u8], emit: &mut dyn FnMut(Hit)) {
-        for m in self.commands.find_overlapping_iter(canon) {
+        for m in self.commands.find_iter(canon) {
             let (start, end) = (m.start(), m.end());
             if !left_ok(canon, start, Left::Word) || !right_ok(canon, end, Right::Word) {
                 continue;
@@ -1138,7 +1141,10 @@ fn traversal(canon: &[u8], path: &mut Vec<u8>, emit: &mut dyn FnMut(Hit)) {
     }
     // Spell separators one way; `0x2e`-style hex spellings become the bytes they name.
     path.clear();
-    let mut i = 0;
+    if memchr::memmem::find(canon, b"0x").is_none() {
+        path.extend(canon.iter().map(|&b| if b == b'\\' { b'/' } else { b }));
+    }
+    let mut i = if path.is_empty() { 0 } else { canon.len() };
     while i < canon.len() {
         if canon[i..].starts_with(b"0x2e") {
             path.push(b'.');
@@ -1185,10 +1191,8 @@ fn traversal(canon: &[u8], path: &mut Vec<u8>, emit: &mut dyn FnMut(Hit)) {
 /// costliest rule, off most ordinary text such as user agents and prose.
 const SQL_GATE: &[&str] = &[
     "--",
-    "#",
     "@@",
     "0x",
-    ";",
     "select",
     "union",
     "insert",
@@ -1330,12 +1334,14 @@ fn libinjection(
             });
         }
     }
-    // Outside markup, libinjection's HTML grammar needs an attribute: a name then `=`.
+    // Outside markup, libinjection's HTML grammar needs an attribute (a name then `=`) that
+    // a space or a quote separates from the value it breaks out of.
     let html = memchr::memchr2(b'<', b'`', text).is_some()
-        || memchr::memchr_iter(b'=', text).any(|i| {
-            let before = text[..i].trim_ascii_end();
-            before.last().is_some_and(u8::is_ascii_alphabetic)
-        });
+        || (memchr::memchr3(b' ', b'"', b'\'', text).is_some()
+            && memchr::memchr_iter(b'=', text).any(|i| {
+                let before = text[..i].trim_ascii_end();
+                before.last().is_some_and(u8::is_ascii_alphabetic)
+            }));
     if enabled.xss && html && libinjectionrs::detect_xss(text).is_injection() {
         emit(Hit {
             category: X,
