@@ -660,6 +660,30 @@ mod tests {
         serde_json::from_str(json).unwrap_or_else(|e| panic!("config parses: {e}"))
     }
 
+    proptest::proptest! {
+        #[test]
+        fn inspect_never_panics(
+            path in "[ -~]{0,64}",
+            query in "[ -~]{0,128}",
+            header in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            ct in proptest::sample::select(vec![
+                "application/json", "application/x-www-form-urlencoded",
+                "multipart/form-data; boundary=x", "text/plain", "image/png",
+            ]),
+        ) {
+            let headers = [("user-agent", &header[..]), ("cookie", &header[..])];
+            let v = detector().inspect(&Request {
+                path: &path,
+                query: Some(&query),
+                headers: &headers,
+                body: Some(&body),
+                content_type: Some(ct),
+            });
+            proptest::prop_assert_eq!(v.score, v.findings.iter().map(|f| f.score).sum::<u32>());
+        }
+    }
+
     #[test]
     fn detector_is_shareable() {
         fn assert_send_sync<T: Send + Sync>() {}

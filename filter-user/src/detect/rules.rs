@@ -592,7 +592,25 @@ impl Rules {
 
     /// Command names after a shell separator, inside a substitution, or opening the value.
     fn commands(&self, canon: &[u8], emit: &mut dyn FnMut(Hit)) {
-        for m in self.commands.find_iter(canon) {
+        // Without a separator or a substitution only a command opening the value counts, so
+        // only the first token (a path to the binary included) needs searching.
+        let joined = memchr::memchr3(b';', b'|', b'&', canon).is_some()
+            || memchr::memchr2(b'\n', b'`', canon).is_some()
+            || memchr::memmem::find(canon, b"$(").is_some();
+        let scope = if joined {
+            canon
+        } else {
+            let lead = canon
+                .iter()
+                .take_while(|b| matches!(b, b' ' | b'\'' | b'"'))
+                .count();
+            let first = canon[lead..]
+                .iter()
+                .position(|&b| b == b' ')
+                .map_or(canon.len(), |p| lead + p);
+            &canon[..first]
+        };
+        for m in self.commands.find_iter(scope) {
             let (start, end) = (m.start(), m.end());
             if !left_ok(canon, start, Left::Word) || !right_ok(canon, end, Right::Word) {
                 continue;
