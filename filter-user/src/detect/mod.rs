@@ -38,7 +38,8 @@
 //! # Scoring
 //! Each rule that fires adds a [`Finding`] with its score; a rule counts once per location.
 //! A rule that alone shows an attack scores [`rules::STRONG`] (= [`DEFAULT_THRESHOLD`]); weaker
-//! signals score [`rules::WEAK`] and block only together. The caller compares
+//! signals score [`rules::WEAK`] and block only together with another signal of the same
+//! category: the request's score is its strongest category's sum. The caller compares
 //! [`Verdict::score`] with its route's threshold: a lower threshold is stricter.
 //!
 //! # Cost bound
@@ -166,7 +167,9 @@ pub struct Finding {
 /// The outcome of inspecting one request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Verdict {
-    /// Sum of the findings' scores.
+    /// The strongest evidence for one kind of attack: the highest, over categories, of the sum
+    /// of that category's findings. Weak signals add up only when they point to the same kind
+    /// of attack.
     pub score: u32,
     /// What fired, in the order found; empty for a clean request.
     pub findings: Vec<Finding>,
@@ -204,19 +207,21 @@ impl Verdict {
             .find(|f| f.rule == hit.rule && f.location == location)
         {
             // A rule counts once per location, at its strongest.
-            if hit.score > f.score {
-                self.score = self.score.saturating_add(hit.score - f.score);
-                f.score = hit.score;
-            }
-            return;
+            f.score = f.score.max(hit.score);
+        } else {
+            self.findings.push(Finding {
+                category: hit.category,
+                location,
+                rule: hit.rule,
+                score: hit.score,
+            });
         }
-        self.score = self.score.saturating_add(hit.score);
-        self.findings.push(Finding {
-            category: hit.category,
-            location,
-            rule: hit.rule,
-            score: hit.score,
-        });
+        let category_score = self
+            .findings
+            .iter()
+            .filter(|f| f.category == hit.category)
+            .fold(0u32, |sum, f| sum.saturating_add(f.score));
+        self.score = self.score.max(category_score);
     }
 }
 
@@ -682,7 +687,12 @@ mod tests {
                 body: Some(&body),
                 content_type: Some(ct),
             });
-            proptest::prop_assert_eq!(v.score, v.findings.iter().map(|f| f.score).sum::<u32>());
+            let best = Category::ALL
+                .iter()
+                .map(|c| v.findings.iter().filter(|f| f.category == *c).map(|f| f.score).sum::<u32>())
+                .max()
+                .unwrap_or(0);
+            proptest::prop_assert_eq!(v.score, best);
         }
     }
 
