@@ -488,6 +488,9 @@ pub struct Rules {
     compact: AhoCorasick,
     commands: AhoCorasick,
     sql_gate: AhoCorasick,
+    /// For each signature, the signatures with the same keyword (itself included): the
+    /// automaton reports a keyword once, under its first signature.
+    same_keyword: Vec<Vec<usize>>,
 }
 
 impl Rules {
@@ -502,6 +505,10 @@ impl Rules {
         };
         Self {
             sigs: build(SIGS.iter().map(|s| s.pat).collect()),
+            same_keyword: SIGS
+                .iter()
+                .map(|s| (0..SIGS.len()).filter(|&j| SIGS[j].pat == s.pat).collect())
+                .collect(),
             compact: build(COMPACT_SIGS.iter().map(|s| s.0).collect()),
             commands: build(COMMANDS.iter().map(|c| c.0).collect()),
             sql_gate: AhoCorasickBuilder::new()
@@ -533,9 +540,11 @@ impl Rules {
         let canon = &canon[..];
 
         for m in self.sigs.find_iter(canon) {
-            let pat = SIGS[m.pattern().as_usize()].pat;
             // A keyword may carry several signatures with different contexts.
-            for s in SIGS.iter().filter(|s| s.pat == pat) {
+            for s in self.same_keyword[m.pattern().as_usize()]
+                .iter()
+                .map(|&i| &SIGS[i])
+            {
                 if enabled.on(s.category)
                     && left_ok(canon, m.start(), s.left)
                     && right_ok(canon, m.end(), s.right)
