@@ -24,7 +24,7 @@
 //! browser encodes a form; (b) as a string value of a JSON body; (c) as the `User-Agent`
 //! header value, with CR, LF and NUL turned into spaces because a header cannot carry them.
 //! Every request also carries ordinary headers (bearer token, cookies, accept headers).
-//! A request counts as detected when its score reaches [`DEFAULT_THRESHOLD`](super::DEFAULT_THRESHOLD).
+//! A request counts as detected when its score reaches [`DEFAULT_THRESHOLD`].
 
 use std::{
     fmt::Write as _,
