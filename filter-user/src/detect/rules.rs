@@ -586,6 +586,7 @@ impl Rules {
             if memchr::memchr2(b'-', b'#', canon).is_some() {
                 quote_comments(canon, emit);
             }
+            string_break(canon, emit);
         }
         if enabled.cmd {
             self.commands(canon, emit);
@@ -829,6 +830,71 @@ fn event_handlers(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
             category: X,
             rule: "xss.event_handler",
             score,
+        });
+    }
+}
+
+/// A value that starts inside a SQL string, closes it, applies an operator and opens a new
+/// string for the application's own closing quote: `a' or 'b`, `x'||'y`, `1' xor '0`,
+/// `aa'like-'aa`. Only the first quote of the value is looked at, so quoted words in prose
+/// (`she said 'yes' or 'no'`) do not match. Double-quoted strings are left to libinjection:
+/// search syntaxes quote words that way (`wood" + "sign`).
+fn string_break(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
+    const OPS: &[&[u8]] = &[
+        b"sounds like",
+        b"not like",
+        b"not regexp",
+        b"not rlike",
+        b"regexp",
+        b"rlike",
+        b"like",
+        b"xor",
+        b"div",
+        b"mod",
+        b"and",
+        b"or",
+        b"is",
+        b"||",
+        b"&&",
+        b"|",
+        b"&",
+        b"^",
+        b"+",
+        b"-",
+        b"*",
+        b"/",
+        b"%",
+        b"=",
+    ];
+    let Some(at) = memchr::memchr2(b'\'', b'"', canon) else {
+        return;
+    };
+    // The value must open inside a single-quoted string and close it right after its data: a
+    // quote first thing, or after a space, opens a quoted word instead (`select 'and'`).
+    if at == 0 || canon[at] != b'\'' || canon[at - 1] == b' ' {
+        return;
+    }
+    let quote = canon[at];
+    let skip = |mut i: usize, extra: &[u8]| {
+        while i < canon.len() && (canon[i] == b' ' || extra.contains(&canon[i])) {
+            i += 1;
+        }
+        i
+    };
+    let i = skip(at + 1, b"");
+    let Some(op) = OPS.iter().find(|op| canon[i..].starts_with(op)) else {
+        return;
+    };
+    let end = i + op.len();
+    if op[0].is_ascii_alphabetic() && canon.get(end).is_some_and(|b| is_word(*b)) {
+        return;
+    }
+    let j = skip(end, b"+-!~");
+    if canon.get(j) == Some(&quote) && canon.get(j + 1) != Some(&quote) {
+        emit(Hit {
+            category: S,
+            rule: "sqli.string_break",
+            score: STRONG,
         });
     }
 }
@@ -1412,6 +1478,8 @@ mod tests {
         assert!(hits("1 UNION/**/ALL SELECT null--").contains(&"sqli.union_select"));
         assert!(hits("x' or 'a'='a").contains(&"sqli.tautology"));
         assert!(hits("1 AND SLEEP(5)").contains(&"sqli.time_function"));
+        assert!(hits("a' or 'b").contains(&"sqli.string_break"));
+        assert!(hits("aa'like-'aa").contains(&"sqli.string_break"));
         assert!(hits("<svg/onload=alert(1)>").contains(&"xss.event_handler"));
         assert!(hits("java\tscript:alert`1`").contains(&"xss.script_uri"));
         assert!(hits("; cat /etc/passwd").contains(&"cmdi.separator_command"));
@@ -1439,6 +1507,9 @@ mod tests {
             "cat 6 cable",
             "sleep 8 hours",
             "turn the lights on=off",
+            "she said 'yes' or 'no'",
+            "select 'and' or 'or'",
+            "Jane's' + 'x",
         ] {
             assert!(hits(text).is_empty(), "{text}: {:?}", hits(text));
         }
