@@ -1358,8 +1358,11 @@ fn sql_gate(gate: &AhoCorasick, canon: &[u8]) -> bool {
         i.and_then(|i| canon.get(i))
             .is_some_and(u8::is_ascii_alphabetic)
     };
+    // Double quotes alone do not count: they delimit tokens in JSON-looking values and
+    // structured headers (`"Chromium";v="124"`), and an injection through them also needs a
+    // keyword or an operator, which the search below finds.
     let quoted = canon.iter().enumerate().any(|(i, &b)| {
-        b == b'"' || b == b'`' || (b == b'\'' && !(letter(i.checked_sub(1)) && letter(Some(i + 1))))
+        b == b'`' || (b == b'\'' && !(letter(i.checked_sub(1)) && letter(Some(i + 1))))
     });
     if quoted {
         return true;
@@ -1373,6 +1376,24 @@ fn sql_gate(gate: &AhoCorasick, canon: &[u8]) -> bool {
             && !(left_ok(canon, m.start(), Left::Word) && right_ok(canon, m.end(), Right::Word))
         {
             return false;
+        }
+        if matches!(
+            pat,
+            b"char"
+                | b"concat"
+                | b"cast"
+                | b"convert"
+                | b"substring"
+                | b"ascii"
+                | b"version"
+                | b"database"
+                | b"schema"
+                | b"exists"
+                | b"sleep"
+                | b"benchmark"
+        ) {
+            // A function name counts only when called.
+            return right_ok(canon, m.end(), Right::Call);
         }
         if matches!(
             pat,
