@@ -1399,9 +1399,16 @@ fn sql_gate(gate: &AhoCorasick, canon: &[u8]) -> bool {
             pat,
             b"or" | b"and" | b"xor" | b"||" | b"&&" | b"not" | b"like" | b"div" | b"mod"
         ) {
-            // A logical operator joins SQL only when an operand that is not a word follows.
-            let next = canon[m.end()..].iter().find(|&&b| b != b' ');
-            return next.is_some_and(|b| !b.is_ascii_alphabetic());
+            // A logical operator joins SQL only when an operand that is not a word follows: a
+            // number, a string, a parenthesis, a variable or a unary operator before a number
+            // (`not-a.brand` is a word).
+            let rest = &canon[m.end()..];
+            let at = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+            return match rest.get(at) {
+                Some(b'0'..=b'9' | b'\'' | b'"' | b'`' | b'(' | b'@' | b'!' | b'~') => true,
+                Some(b'-' | b'+') => rest.get(at + 1).is_some_and(u8::is_ascii_digit),
+                _ => false,
+            };
         }
         true
     })
@@ -1463,14 +1470,27 @@ fn libinjection(
             });
         }
     }
-    // Outside markup, libinjection's HTML grammar needs an attribute (a name then `=`) that
-    // a space or a quote separates from the value it breaks out of.
+    // Outside markup, libinjection's HTML grammar needs an attribute: a name then `=`, with a
+    // space, a slash or a quote before the name to separate it from the value it breaks out
+    // of (`x" onmouseover=...`); `;v="124"` in a structured header is no attribute.
     let html = memchr::memchr2(b'<', b'`', text).is_some()
-        || (memchr::memchr3(b' ', b'"', b'\'', text).is_some()
-            && memchr::memchr_iter(b'=', text).any(|i| {
-                let before = text[..i].trim_ascii_end();
-                before.last().is_some_and(u8::is_ascii_alphabetic)
-            }));
+        || memchr::memchr_iter(b'=', text).any(|i| {
+            let before = text[..i].trim_ascii_end();
+            let name = before
+                .iter()
+                .rev()
+                .take(WINDOW)
+                .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':'))
+                .count();
+            let start = before.len() - name;
+            name > 0
+                && before[start].is_ascii_alphabetic()
+                && start > 0
+                && matches!(
+                    before[start - 1],
+                    b' ' | b'\t' | b'\n' | b'\r' | b'/' | b'"' | b'\''
+                )
+        });
     if enabled.xss && html && libinjectionrs::detect_xss(text).is_injection() {
         emit(Hit {
             category: X,
