@@ -1354,15 +1354,41 @@ const SQL_GATE: &[&str] = &[
 
 /// Whether libinjection's SQLi detector could find anything in `canon`.
 fn sql_gate(gate: &AhoCorasick, canon: &[u8]) -> bool {
-    let letter = |i: Option<usize>| {
-        i.and_then(|i| canon.get(i))
-            .is_some_and(u8::is_ascii_alphabetic)
+    // A quote matters when SQL punctuation stands next to it (`'=`, `')`, `1'--`, `';`):
+    // apostrophes and quoted words in prose (`rock 'n' roll`, `l'Église`) have letters or
+    // spaces around them. Double quotes alone do not count: they delimit tokens in
+    // JSON-looking values and structured headers (`"Chromium";v="124"`). An injection without
+    // such punctuation needs a keyword or an operator, which the search below finds.
+    let sql_mark = |b: Option<&u8>| {
+        b.is_some_and(|b| {
+            matches!(
+                b,
+                b'=' | b'<'
+                    | b'>'
+                    | b'('
+                    | b')'
+                    | b';'
+                    | b'|'
+                    | b'&'
+                    | b'+'
+                    | b'-'
+                    | b'#'
+                    | b'*'
+                    | b'/'
+                    | b','
+                    | b'%'
+                    | b'!'
+                    | b'^'
+                    | b'@'
+                    | b'0'..=b'9'
+            )
+        })
     };
-    // Double quotes alone do not count: they delimit tokens in JSON-looking values and
-    // structured headers (`"Chromium";v="124"`), and an injection through them also needs a
-    // keyword or an operator, which the search below finds.
     let quoted = canon.iter().enumerate().any(|(i, &b)| {
-        b == b'`' || (b == b'\'' && !(letter(i.checked_sub(1)) && letter(Some(i + 1))))
+        b == b'`'
+            || (b == b'\''
+                && (sql_mark(canon[i + 1..].iter().find(|&&c| c != b' '))
+                    || sql_mark(canon[..i].iter().rev().find(|&&c| c != b' '))))
     });
     if quoted {
         return true;
