@@ -515,6 +515,9 @@ impl Rules {
             AhoCorasickBuilder::new()
                 .match_kind(MatchKind::LeftmostLongest)
                 .kind(Some(AhoCorasickKind::DFA))
+                // Short keywords make prefilters report many false candidates; the DFA alone
+                // is faster on field-sized texts.
+                .prefilter(false)
                 .build(pats)
                 .unwrap_or_else(|e| unreachable!("static patterns compile: {e}"))
         };
@@ -529,6 +532,9 @@ impl Rules {
             sql_gate: AhoCorasickBuilder::new()
                 .match_kind(MatchKind::LeftmostFirst)
                 .kind(Some(AhoCorasickKind::DFA))
+                // Short keywords make prefilters report many false candidates; the DFA alone
+                // is faster on field-sized texts.
+                .prefilter(false)
                 .build(SQL_GATE)
                 .unwrap_or_else(|e| unreachable!("static patterns compile: {e}")),
         }
