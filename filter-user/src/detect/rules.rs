@@ -1489,7 +1489,12 @@ fn libinjection(
     emit: &mut dyn FnMut(Hit),
 ) {
     let text = &text[..text.len().min(LIBINJECTION_MAX)];
-    if text.len() < 2 {
+    // One word (letters, digits, `_-.`) is no SQL statement and no markup.
+    if text.len() < 2
+        || text
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
         return;
     }
     if enabled.sqli && sql_gate(gate, canon) {
