@@ -1,6 +1,7 @@
 //! apifilter's controller: loads the XDP program, keeps its maps in step with durable state, and
 //! reports what the kernel counted.
 
+pub mod auth;
 pub mod cidr;
 pub mod cli;
 pub mod clock;

@@ -4,10 +4,12 @@
 //! - `packet`: a frame builder for IPv4/IPv6, VLAN tags, TCP/UDP/ICMP.
 //! - `model`: a host implementation of `filter_common::Tables` for differential checks.
 //! - `netns`: RAII network namespaces and veth pairs.
+//! - `proxy`: certificates, an upstream, the proxy in-process, and TLS clients for the proxy tests.
 
 pub mod model;
 pub mod netns;
 pub mod packet;
+pub mod proxy;
 
 use std::path::PathBuf;
 

@@ -74,6 +74,15 @@ pub struct ProxyConfig {
     /// The CSRF guard for cookie-authenticated requests; absent = off.
     #[serde(default)]
     pub csrf: Option<forward::CsrfConfig>,
+    /// Authentication, authorization and L7 rate limits; absent = every request is let through.
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthConfig>,
+    /// Attack detection on routes that do not say otherwise: `block`, `detect-only` or `off`.
+    #[serde(default = "default_detect_mode")]
+    pub detect_mode: crate::auth::DetectMode,
+    /// Detection score at or above which a request is an attack, on routes that do not say.
+    #[serde(default = "default_detect_threshold")]
+    pub detect_threshold: u32,
     /// Where the access log goes: `"log"` (a tracing event on target `apifilter::access`),
     /// `"off"`, or a file path (JSON lines, appended).
     #[serde(default = "default_access_log")]
@@ -91,6 +100,12 @@ fn default_response_timeout() -> Duration {
 }
 fn default_pool_idle() -> usize {
     256
+}
+fn default_detect_mode() -> crate::auth::DetectMode {
+    crate::auth::DetectMode::Block
+}
+fn default_detect_threshold() -> u32 {
+    10
 }
 fn default_access_log() -> String {
     "log".to_owned()
@@ -174,6 +189,12 @@ impl ProxyConfig {
         }
         if let Some(c) = &self.csrf {
             c.validate().map_err(|e| prefix("csrf", e))?;
+        }
+        if let Some(a) = &self.auth {
+            a.validate().map_err(|e| prefix("auth", e))?;
+        }
+        if self.detect_threshold == 0 {
+            return Err(Invalid::new("detect_threshold", "must be at least 1"));
         }
         if self.access_log.is_empty() {
             return Err(Invalid::new(
