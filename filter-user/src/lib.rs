@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod crowdsec;
 pub mod daemon;
+pub mod detect;
 pub mod feeds;
 pub mod formats;
 pub mod loader;

@@ -74,7 +74,12 @@ impl Certs {
             .current_dir(&self.dir)
             .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
             .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
-            .args(["-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem")])
+            .args([
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.pem"),
+            ])
             .args(["-subj", &format!("/CN={name}")]));
     }
 
@@ -90,14 +95,31 @@ impl Certs {
         std::fs::write(&ext, format!("subjectAltName={}\n", san.join(","))).expect("ext");
         sh(Command::new("openssl")
             .current_dir(&self.dir)
-            .args(["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
+            .args([
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+            ])
             .args(["-nodes", "-keyout", &format!("{name}.key.tmp")])
-            .args(["-out", &format!("{name}.csr"), "-subj", &format!("/CN={cn}")]));
+            .args([
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={cn}"),
+            ]));
         sh(Command::new("openssl")
             .current_dir(&self.dir)
             .args(["x509", "-req", "-in", &format!("{name}.csr"), "-CA"])
             .args([&format!("{ca}.pem"), "-CAkey", &format!("{ca}.key")])
-            .args(["-CAcreateserial", "-days", "2", "-out", &format!("{name}.pem.tmp")])
+            .args([
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-out",
+                &format!("{name}.pem.tmp"),
+            ])
             .arg("-extfile")
             .arg(&ext));
         // Renamed into place, so a reloading proxy never reads half a file.
@@ -400,7 +422,14 @@ impl CurlResponse {
 
 /// `curl` to `https://HOST:PORT/PATH` with `host` resolved to `ip`, trusting the test CA;
 /// `args` go before the URL.
-pub fn curl(certs: &Certs, ip: IpAddr, port: u16, host: &str, path: &str, args: &[&str]) -> CurlResponse {
+pub fn curl(
+    certs: &Certs,
+    ip: IpAddr,
+    port: u16,
+    host: &str,
+    path: &str,
+    args: &[&str],
+) -> CurlResponse {
     curl_in(None, certs, ip, port, host, path, args)
 }
 
@@ -505,12 +534,7 @@ pub fn tls_connect(certs: &Certs, port: u16, alpn: &[&[u8]]) -> Tls {
 
 /// Connect with TLS to `addr` (from `src` when given) as `a.test`, offering `alpn`. Call it
 /// inside the client's namespace when `src` is one of its addresses.
-pub fn tls_connect_to(
-    certs: &Certs,
-    addr: SocketAddr,
-    src: Option<IpAddr>,
-    alpn: &[&[u8]],
-) -> Tls {
+pub fn tls_connect_to(certs: &Certs, addr: SocketAddr, src: Option<IpAddr>, alpn: &[&[u8]]) -> Tls {
     let tcp = tcp_from(addr, src).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     tcp.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
@@ -627,4 +651,19 @@ pub fn shared_certs() -> &'static Certs {
         c.leaf("b", &["b.test"]);
         c
     })
+}
+
+/// Whether the proxy closed the connection (or answered on it) yet; waits at most 1 ms.
+pub fn peer_closed(s: &mut Tls) -> bool {
+    s.sock
+        .set_read_timeout(Some(Duration::from_millis(1)))
+        .expect("timeout");
+    let mut buf = [0u8; 1024];
+    match s.read(&mut buf) {
+        Ok(_) => true,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
 }

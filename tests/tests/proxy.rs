@@ -18,8 +18,8 @@ use integration_tests::{
     Instance,
     netns::{Topology, tcp_connect_from, v4},
     proxy::{
-        Certs, Proxy, Upstream, curl, curl_in, exchange, free_port, json_lines, proxy_section,
-        read_for, s_client, shared_certs, status_of, tls_connect, tls_connect_to,
+        Certs, Proxy, Upstream, curl, curl_in, exchange, free_port, json_lines, peer_closed,
+        proxy_section, read_for, s_client, shared_certs, status_of, tls_connect, tls_connect_to,
     },
 };
 
@@ -38,7 +38,10 @@ fn setup(extra: &str, tail: &str) -> Setup {
     let certs = shared_certs();
     let upstream = Upstream::start();
     let port = free_port();
-    let text = format!("{}{tail}", proxy_section(port, certs, &upstream.url(), extra));
+    let text = format!(
+        "{}{tail}",
+        proxy_section(port, certs, &upstream.url(), extra)
+    );
     let proxy = Proxy::start(&text);
     Setup {
         proxy,
@@ -64,20 +67,33 @@ fn tls12_tls13_and_alpn_with_curl_and_s_client() {
     assert_eq!((h2.status, h2.http_version.as_str()), (200, "2"), "{h2:?}");
     assert_eq!(h2.json()["path"], "/hello");
     let h1 = s.get("/hello", &["--http1.1"]);
-    assert_eq!((h1.status, h1.http_version.as_str()), (200, "1.1"), "{h1:?}");
+    assert_eq!(
+        (h1.status, h1.http_version.as_str()),
+        (200, "1.1"),
+        "{h1:?}"
+    );
     let v12 = s.get("/", &["--tlsv1.2", "--tls-max", "1.2"]);
     assert_eq!(v12.status, 200, "{v12:?}");
 
     let (ok, out) = s_client(s.port, &["-servername", "a.test", "-tls1_3", "-alpn", "h2"]);
     assert!(ok && out.contains("TLSv1.3"), "{out}");
     assert!(out.contains("ALPN protocol: h2"), "{out}");
-    let (ok, out) = s_client(s.port, &["-servername", "a.test", "-tls1_2", "-alpn", "http/1.1"]);
+    let (ok, out) = s_client(
+        s.port,
+        &["-servername", "a.test", "-tls1_2", "-alpn", "http/1.1"],
+    );
     assert!(ok && out.contains("TLSv1.2"), "{out}");
     assert!(out.contains("ALPN protocol: http/1.1"), "{out}");
     // TLS 1.2 only with forward-secret AEAD suites: a CBC suite finds nothing in common.
     let (ok, out) = s_client(
         s.port,
-        &["-servername", "a.test", "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA256"],
+        &[
+            "-servername",
+            "a.test",
+            "-tls1_2",
+            "-cipher",
+            "ECDHE-ECDSA-AES128-SHA256",
+        ],
     );
     assert!(!ok, "a CBC suite was accepted: {out}");
     // TLS 1.1 and 1.0 are refused by the server (the client is allowed to try them).
@@ -96,15 +112,34 @@ fn tls12_tls13_and_alpn_with_curl_and_s_client() {
     let sess = shared_certs().dir.join(format!("sess-{}", s.port));
     let (ok, out) = s_client(
         s.port,
-        &["-servername", "a.test", "-tls1_2", "-sess_out", sess.to_str().unwrap()],
+        &[
+            "-servername",
+            "a.test",
+            "-tls1_2",
+            "-sess_out",
+            sess.to_str().unwrap(),
+        ],
     );
     assert!(ok, "{out}");
     let (ok, out) = s_client(
         s.port,
-        &["-servername", "a.test", "-tls1_2", "-sess_in", sess.to_str().unwrap()],
+        &[
+            "-servername",
+            "a.test",
+            "-tls1_2",
+            "-sess_in",
+            sess.to_str().unwrap(),
+        ],
     );
-    assert!(ok && out.contains("Reused, TLSv1.2"), "no resumption: {out}");
-    assert!(s.proxy.metric("apifilter_proxy_tls_handshakes_total{result=\"ok\"}") >= 5.0);
+    assert!(
+        ok && out.contains("Reused, TLSv1.2"),
+        "no resumption: {out}"
+    );
+    assert!(
+        s.proxy
+            .metric("apifilter_proxy_tls_handshakes_total{result=\"ok\"}")
+            >= 5.0
+    );
 }
 
 #[test]
@@ -157,7 +192,9 @@ fn sni_selects_the_certificate() {
 
 /// The SHA-256 fingerprint of the first certificate in s_client output.
 fn leaf_fingerprint(out: &str) -> String {
-    let start = out.find("-----BEGIN CERTIFICATE-----").expect("a certificate");
+    let start = out
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate");
     let end = out[start..].find("-----END CERTIFICATE-----").expect("end") + start + 25;
     let pem = &out[start..end];
     let mut child = std::process::Command::new("openssl")
@@ -190,7 +227,10 @@ fn mtls_requires_a_client_certificate() {
     );
     let _proxy = Proxy::start(&text);
     let without = curl(certs, LOCAL, port, "a.test", "/", &[]);
-    assert_eq!(without.status, 0, "served without a client certificate: {without:?}");
+    assert_eq!(
+        without.status, 0,
+        "served without a client certificate: {without:?}"
+    );
     let with = curl(
         certs,
         LOCAL,
@@ -233,7 +273,10 @@ fn certificates_reload_while_a_connection_stays_open() {
     let before = certs.fingerprint("a");
     let mut kept = tls_connect(&certs, port, &[b"http/1.1"]);
     let req = b"GET /one HTTP/1.1\r\nHost: a.test\r\n\r\n";
-    assert_eq!(status_of(&exchange(&mut kept, req, Duration::from_secs(5))), 200);
+    assert_eq!(
+        status_of(&exchange(&mut kept, req, Duration::from_secs(5))),
+        200
+    );
 
     certs.leaf("a", &["a.test"]); // a new key and certificate, same paths
     let after = certs.fingerprint("a");
@@ -244,7 +287,10 @@ fn certificates_reload_while_a_connection_stays_open() {
         if ok && leaf_fingerprint(&out) == after {
             break;
         }
-        assert!(Instant::now() < deadline, "the new certificate was not served");
+        assert!(
+            Instant::now() < deadline,
+            "the new certificate was not served"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // The connection opened before the reload still works.
@@ -297,7 +343,10 @@ fn each_protocol_limit_refuses_and_counts() {
     assert_eq!(status_of(&raw), 413, "{raw}");
     assert_eq!(s.proxy.rejections("limit", "body_size"), 2.0);
     // Within limits, it goes through.
-    assert_eq!(s.get("/", &["--data-binary", "small"]).json()["body_len"], 5);
+    assert_eq!(
+        s.get("/", &["--data-binary", "small"]).json()["body_len"],
+        5
+    );
 }
 
 #[test]
@@ -307,7 +356,10 @@ fn content_length_with_transfer_encoding_is_refused() {
     let req = b"POST /smuggle HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\nHost: a.test\r\n\r\n";
     let raw = exchange(&mut t, req, Duration::from_secs(3));
     assert_eq!(status_of(&raw), 400, "{raw}");
-    assert!(!raw.contains("/admin"), "the smuggled request reached the upstream: {raw}");
+    assert!(
+        !raw.contains("/admin"),
+        "the smuggled request reached the upstream: {raw}"
+    );
     assert_eq!(s.proxy.rejections("limit", "framing"), 1.0);
 }
 
@@ -322,18 +374,27 @@ fn slowloris_headers_time_out() {
     let mut closed = false;
     for i in 0..20 {
         std::thread::sleep(Duration::from_millis(300));
-        if t.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).is_err() || t.flush().is_err() {
+        if t.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes())
+            .is_err()
+            || t.flush().is_err()
+        {
             closed = true;
             break;
         }
-        if !read_for(&mut t, Duration::from_millis(1)).is_empty() {
+        if peer_closed(&mut t) {
             closed = true;
             break;
         }
     }
     let waited = start.elapsed();
-    assert!(closed, "a trickled head kept the connection open for {waited:?}");
-    assert!(waited < Duration::from_secs(4), "closed only after {waited:?}");
+    assert!(
+        closed,
+        "a trickled head kept the connection open for {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(4),
+        "closed only after {waited:?}"
+    );
     let deadline = Instant::now() + Duration::from_secs(2);
     while s.proxy.rejections("limit", "header_timeout") < 1.0 {
         assert!(Instant::now() < deadline, "{}", s.proxy.metrics_text());
@@ -353,7 +414,10 @@ fn slow_body_times_out() {
 
 #[test]
 fn idle_connections_are_closed() {
-    let s = setup("", "[proxy.limits]\nidle_timeout = \"500ms\"\nheader_timeout = \"10s\"\n");
+    let s = setup(
+        "",
+        "[proxy.limits]\nidle_timeout = \"500ms\"\nheader_timeout = \"10s\"\n",
+    );
     let mut t = tls_connect(shared_certs(), s.port, &[b"h2"]);
     let start = Instant::now();
     // An HTTP/2 connection that sends nothing after the preface.
@@ -389,12 +453,17 @@ fn connections_per_ip_are_capped() {
 
 #[test]
 fn h2_rapid_reset_flood_is_stopped() {
-    let s = setup("", "[proxy.limits]\nh2_max_pending_accept_reset_streams = 5\n");
+    let s = setup(
+        "",
+        "[proxy.limits]\nh2_max_pending_accept_reset_streams = 5\n",
+    );
     let mut t = tls_connect(shared_certs(), s.port, &[b"h2"]);
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
     // HPACK: :method GET, :scheme https, :path /, :authority a.test (literal).
-    let block: &[u8] = &[0x82, 0x87, 0x84, 0x01, 6, b'a', b'.', b't', b'e', b's', b't'];
+    let block: &[u8] = &[
+        0x82, 0x87, 0x84, 0x01, 6, b'a', b'.', b't', b'e', b's', b't',
+    ];
     for i in 0..500u32 {
         let id = (2 * i + 1).to_be_bytes();
         let len = (block.len() as u32).to_be_bytes();
@@ -457,8 +526,10 @@ fn upstream_failures_are_generic() {
     let port = free_port();
     let dead = format!("http://127.0.0.1:{}", free_port());
     let log = certs.dir.join(format!("access-{port}.log"));
-    let text = proxy_section(port, certs, &dead, "upstream_timeout = \"1s\"")
-        .replace("access_log = \"off\"", &format!("access_log = \"{}\"", log.display()));
+    let text = proxy_section(port, certs, &dead, "upstream_timeout = \"1s\"").replace(
+        "access_log = \"off\"",
+        &format!("access_log = \"{}\"", log.display()),
+    );
     let proxy = Proxy::start(&text);
     let r = curl(certs, LOCAL, port, "a.test", "/x", &[]);
     assert_eq!(r.status, 502, "{r:?}");
@@ -478,13 +549,24 @@ fn upstream_failures_are_generic() {
 #[test]
 fn forwarded_headers_and_trusted_proxies() {
     let s = setup("", "");
-    let r = s.get("/", &["-H", "X-Forwarded-For: 203.0.113.7", "-H", "X-Forwarded-Proto: http"]);
+    let r = s.get(
+        "/",
+        &[
+            "-H",
+            "X-Forwarded-For: 203.0.113.7",
+            "-H",
+            "X-Forwarded-Proto: http",
+        ],
+    );
     let h = &r.json()["headers"];
     // The peer is not trusted: its X-Forwarded-For is replaced.
     assert_eq!(h["x-forwarded-for"], "127.0.0.1", "{h}");
     assert_eq!(h["x-forwarded-proto"], "https");
     assert_eq!(h["host"], format!("a.test:{}", s.port));
-    assert_eq!(h["x-request-id"].as_str().unwrap(), r.headers["x-request-id"]);
+    assert_eq!(
+        h["x-request-id"].as_str().unwrap(),
+        r.headers["x-request-id"]
+    );
 
     let certs = shared_certs();
     let log = certs.dir.join(format!("access-xff-{}.log", s.port));
@@ -492,7 +574,10 @@ fn forwarded_headers_and_trusted_proxies() {
         s.port,
         certs,
         &s.upstream.url(),
-        &format!("trusted_proxies = [\"127.0.0.0/8\"]\naccess_log = \"{}\"", log.display()),
+        &format!(
+            "trusted_proxies = [\"127.0.0.0/8\"]\naccess_log = \"{}\"",
+            log.display()
+        ),
     )
     .replace("access_log = \"off\"\n", "");
     s.proxy.reload(&text);
@@ -523,8 +608,14 @@ fn csrf_guard_checks_origin_on_cookie_requests() {
     assert_eq!(post(&["-H", "Referer: https://app.example.com/form"]), 200);
     assert_eq!(post(&[]), 403);
     // No cookie: not cookie-authenticated, not guarded. GET: not state-changing.
-    assert_eq!(s.get("/transfer", &["-X", "POST", "--data", "a=1"]).status, 200);
-    assert_eq!(s.get("/transfer", &["-H", "Cookie: session=abc"]).status, 200);
+    assert_eq!(
+        s.get("/transfer", &["-X", "POST", "--data", "a=1"]).status,
+        200
+    );
+    assert_eq!(
+        s.get("/transfer", &["-H", "Cookie: session=abc"]).status,
+        200
+    );
     assert_eq!(s.proxy.rejections("csrf", "origin_foreign"), 1.0);
     assert_eq!(s.proxy.rejections("csrf", "origin_missing"), 1.0);
 }
@@ -537,11 +628,27 @@ fn access_log_line_per_request() {
     let port = free_port();
     let log = certs.dir.join(format!("access-{port}.log"));
     let _ = std::fs::remove_file(&log);
-    let text = proxy_section(port, certs, &upstream.url(), "")
-        .replace("access_log = \"off\"", &format!("access_log = \"{}\"", log.display()));
+    let text = proxy_section(port, certs, &upstream.url(), "").replace(
+        "access_log = \"off\"",
+        &format!("access_log = \"{}\"", log.display()),
+    );
     let proxy = Proxy::start(&text);
-    let ok = curl(certs, LOCAL, port, "a.test", "/items?secret=1", &["--http2"]);
-    let refused = curl(certs, LOCAL, port, "a.test", &format!("/{}", "u".repeat(9000)), &[]);
+    let ok = curl(
+        certs,
+        LOCAL,
+        port,
+        "a.test",
+        "/items?secret=1",
+        &["--http2"],
+    );
+    let refused = curl(
+        certs,
+        LOCAL,
+        port,
+        "a.test",
+        &format!("/{}", "u".repeat(9000)),
+        &[],
+    );
     assert_eq!((ok.status, refused.status), (200, 414));
     let lines = json_lines(&log, 2);
     assert_eq!(lines.len(), 2, "{lines:?}");
@@ -565,8 +672,14 @@ fn access_log_line_per_request() {
     assert_eq!(b["fault"], "client");
     // Latency histograms per check and route, and the p99 the daemon reads.
     let text = proxy.metrics_text();
-    assert!(text.contains("apifilter_proxy_check_duration_seconds_count{check=\"upstream\"}"), "{text}");
-    assert!(text.contains("apifilter_proxy_request_duration_seconds_count{listener="), "{text}");
+    assert!(
+        text.contains("apifilter_proxy_check_duration_seconds_count{check=\"upstream\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("apifilter_proxy_request_duration_seconds_count{listener="),
+        "{text}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -633,30 +746,46 @@ fn offenders_are_banned_in_the_kernel_and_dropped_by_xdp() {
     };
 
     // The legitimate client is served.
-    let ok = curl_in(Some(&topo.client), &certs, server_ip, port, "a.test", "/", &["--interface", &legit.to_string()]);
+    let ok = curl_in(
+        Some(&topo.client),
+        &certs,
+        server_ip,
+        port,
+        "a.test",
+        "/",
+        &["--interface", &legit.to_string()],
+    );
     assert_eq!(ok.status, 200, "{ok:?}");
 
     // The attacker: oversized request targets (20 points each, threshold 60).
     let attack = format!("GET /{} HTTP/1.1\r\nHost: a.test\r\n\r\n", "a".repeat(400));
     let certs2 = &certs;
-    let (latency, statuses) = topo.client.run(|| {
+    let (sent, statuses, _kept) = topo.client.run(|| {
         let mut statuses = Vec::new();
         let mut t = tls_connect_to(certs2, dst, Some(attacker), &[b"http/1.1"]);
         for _ in 0..2 {
-            statuses.push(status_of(&exchange(&mut t, attack.as_bytes(), Duration::from_secs(3))));
+            statuses.push(status_of(&exchange(
+                &mut t,
+                attack.as_bytes(),
+                Duration::from_secs(3),
+            )));
         }
         let mut t = tls_connect_to(certs2, dst, Some(attacker), &[b"http/1.1"]);
         // The offending request: the one that crosses the threshold.
         let sent = Instant::now();
         t.write_all(attack.as_bytes()).unwrap();
         t.flush().unwrap();
-        let deadline = sent + Duration::from_secs(5);
-        while !banned(attacker) {
-            assert!(Instant::now() < deadline, "no ban in the kernel map after 5 s");
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        (sent.elapsed(), statuses)
+        (sent, statuses, t)
     });
+    let deadline = sent + Duration::from_secs(5);
+    while !banned(attacker) {
+        assert!(
+            Instant::now() < deadline,
+            "no ban in the kernel map after 5 s"
+        );
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let latency = sent.elapsed();
     assert_eq!(statuses, vec![414, 414]);
     println!(
         "ban latency: offending request sent -> ban in the kernel map: {:.2} ms",
@@ -689,7 +818,15 @@ fn offenders_are_banned_in_the_kernel_and_dropped_by_xdp() {
         .run(|| tcp_connect_from(attacker, dst, Duration::from_millis(1200)))
         .expect_err("the banned attacker could still connect");
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
-    let ok = curl_in(Some(&topo.client), &certs, server_ip, port, "a.test", "/", &["--interface", &legit.to_string()]);
+    let ok = curl_in(
+        Some(&topo.client),
+        &certs,
+        server_ip,
+        port,
+        "a.test",
+        "/",
+        &["--interface", &legit.to_string()],
+    );
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(proxy.metric("apifilter_proxy_bans_total"), 1.0);
     drop(proxy);
@@ -701,13 +838,15 @@ fn run_fails_loudly_on_a_bad_certificate() {
     integration_tests::require_root();
     let certs = shared_certs();
     let port = free_port();
-    let text = proxy_section(port, certs, "http://127.0.0.1:9", "")
-        .replace("a.key", "b.key");
+    let text = proxy_section(port, certs, "http://127.0.0.1:9", "").replace("a.key", "b.key");
     let cfg = filter_user::config::Config::parse("t.toml", &text).unwrap();
     let state = std::env::temp_dir().join(format!("aft-badcert-{}", std::process::id()));
     let ctl = Arc::new(
-        filter_user::control::Control::open(filter_user::loader::PinDir::new(state.join("p")), &state)
-            .unwrap(),
+        filter_user::control::Control::open(
+            filter_user::loader::PinDir::new(state.join("p")),
+            &state,
+        )
+        .unwrap(),
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -727,4 +866,245 @@ fn run_fails_loudly_on_a_bad_certificate() {
         .expect_err("a key that does not match its certificate must fail");
     assert!(format!("{err:#}").contains("b.key"), "{err:#}");
     let _ = std::fs::remove_dir_all(&state);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Authentication, authorization, L7 rate limits and attack detection through the proxy
+// ---------------------------------------------------------------------------------------------
+
+fn auth_section() -> String {
+    use filter_user::auth::hash_api_key;
+    format!(
+        r#"[proxy.auth]
+[[proxy.auth.api_keys]]
+hash = "{admin}"
+identity = "alice"
+roles = ["admin"]
+[[proxy.auth.api_keys]]
+hash = "{user}"
+identity = "bob"
+roles = ["user"]
+[[proxy.auth.routes]]
+path = "/public"
+public = true
+[[proxy.auth.routes]]
+path = "/admin/*"
+roles = ["admin"]
+[[proxy.auth.routes]]
+path = "/limited/*"
+rate = {{ per_identity = {{ rps = 0.1, burst = 2 }} }}
+[[proxy.auth.routes]]
+path = "/monitor/*"
+detect = "detect-only"
+[[proxy.auth.routes]]
+path = "/upload/*"
+detect = "off"
+"#,
+        admin = hash_api_key("key-admin"),
+        user = hash_api_key("key-user"),
+    )
+}
+
+fn with_log(
+    port: u16,
+    upstream: &Upstream,
+    extra: &str,
+    tail: &str,
+) -> (Proxy, std::path::PathBuf) {
+    let certs = shared_certs();
+    let log = certs.dir.join(format!("access-{port}.log"));
+    let _ = std::fs::remove_file(&log);
+    let text = format!(
+        "{}{tail}",
+        proxy_section(port, certs, &upstream.url(), extra).replace(
+            "access_log = \"off\"",
+            &format!("access_log = \"{}\"", log.display())
+        )
+    );
+    (Proxy::start(&text), log)
+}
+
+#[test]
+fn authentication_authorization_and_rate_limits() {
+    integration_tests::require_root();
+    let certs = shared_certs();
+    let upstream = Upstream::start();
+    let port = free_port();
+    let (proxy, log) = with_log(port, &upstream, "", &auth_section());
+    let get = |path: &str, args: &[&str]| curl(certs, LOCAL, port, "a.test", path, args);
+    let admin = ["-H", "X-Api-Key: key-admin"];
+    let user = ["-H", "X-Api-Key: key-user"];
+
+    let r = get("/items", &[]);
+    assert_eq!(r.status, 401, "{r:?}");
+    assert_eq!(r.headers["www-authenticate"], "Bearer");
+    assert_eq!(get("/items", &["-H", "X-Api-Key: wrong"]).status, 401);
+    assert_eq!(get("/items", &user).status, 200);
+    assert_eq!(get("/public", &[]).status, 200);
+    assert_eq!(get("/admin/users", &user).status, 403);
+    assert_eq!(get("/admin/users", &admin).status, 200);
+    // Routing sees the normalized path: no way around /admin/* with dot segments or encoding.
+    assert_eq!(
+        get(
+            "/public/../admin/users",
+            &["--path-as-is", "-H", "X-Api-Key: key-user"]
+        )
+        .status,
+        403
+    );
+    assert_eq!(get("/public/..%2Fadmin/users", &user).status, 403);
+    // 2 at once, then 429 with Retry-After.
+    assert_eq!(get("/limited/a", &user).status, 200);
+    assert_eq!(get("/limited/a", &user).status, 200);
+    let r = get("/limited/a", &user);
+    assert_eq!(r.status, 429, "{r:?}");
+    assert!(r.headers["retry-after"].parse::<u64>().unwrap() >= 1);
+
+    assert_eq!(proxy.rejections("auth", "no_credentials"), 1.0);
+    assert_eq!(proxy.rejections("auth", "bad_api_key"), 1.0);
+    assert_eq!(proxy.rejections("authz", "route_role"), 3.0);
+    assert_eq!(proxy.rejections("ratelimit", "identity"), 1.0);
+    let lines = json_lines(&log, 12);
+    let admin_line = lines
+        .iter()
+        .find(|l| l["status"] == 200 && l["path"] == "/admin/users")
+        .expect("the admin request is logged");
+    assert_eq!(admin_line["identity"], "alice");
+    assert_eq!(admin_line["route"], "/admin/*");
+    let denied = lines
+        .iter()
+        .find(|l| l["status"] == 403)
+        .expect("a refusal is logged");
+    assert_eq!(denied["identity"], "bob");
+    assert_eq!(denied["checks"], serde_json::json!(["authz:route_role"]));
+    let limited = lines
+        .iter()
+        .find(|l| l["status"] == 429)
+        .expect("429 logged");
+    assert_eq!(limited["checks"], serde_json::json!(["ratelimit:identity"]));
+}
+
+#[test]
+fn attacks_are_blocked_or_logged_per_route() {
+    integration_tests::require_root();
+    let certs = shared_certs();
+    let upstream = Upstream::start();
+    let port = free_port();
+    let (proxy, log) = with_log(port, &upstream, "", &auth_section());
+    let get = |path: &str, args: &[&str]| curl(certs, LOCAL, port, "a.test", path, args);
+    let key = "X-Api-Key: key-user";
+    let sqli = "/search?q=1%27%20OR%20%271%27%3D%271";
+
+    // Query, path, header, cookie and JSON body: blocked with 403 on a block route.
+    let r = get(sqli, &["-H", key]);
+    assert_eq!(r.status, 403, "{r:?}");
+    assert_eq!(r.body, "403 forbidden\n");
+    assert_eq!(
+        get("/files/..%2F..%2F..%2Fetc%2Fpasswd", &["-H", key]).status,
+        403
+    );
+    assert_eq!(
+        get(
+            "/x",
+            &["-H", key, "-H", "X-Note: <script>alert(1)</script>"]
+        )
+        .status,
+        403
+    );
+    assert_eq!(
+        get(
+            "/x",
+            &["-H", key, "-H", "Cookie: q=1%27%20OR%20%271%27%3D%271"]
+        )
+        .status,
+        403
+    );
+    let json_attack = r#"{"name":"x; cat /etc/passwd","q":"' OR '1'='1"}"#;
+    let r = get(
+        "/items",
+        &[
+            "-H",
+            key,
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            json_attack,
+        ],
+    );
+    assert_eq!(r.status, 403, "{r:?}");
+    // A body of a type detection does not read is streamed, not buffered or inspected.
+    let r = get(
+        "/items",
+        &[
+            "-H",
+            key,
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            json_attack,
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["body_len"], json_attack.len());
+    // A clean JSON body is buffered, inspected and forwarded whole.
+    let r = get(
+        "/items",
+        &[
+            "-H",
+            key,
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            r#"{"name":"widget"}"#,
+        ],
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["body_len"], 17);
+
+    // Detect-only: forwarded, and logged with what fired.
+    let r = get(&sqli.replace("/search", "/monitor/search"), &["-H", key]);
+    assert_eq!(r.status, 200, "{r:?}");
+    // Detection off on this route.
+    assert_eq!(
+        get(&sqli.replace("/search", "/upload/x"), &["-H", key]).status,
+        200
+    );
+
+    assert!(
+        proxy.rejections("detect", "sqli") >= 2.0,
+        "{}",
+        proxy.metrics_text()
+    );
+    assert_eq!(
+        proxy.metric("apifilter_proxy_detections_passed_total{check=\"detect\",reason=\"sqli\"}"),
+        1.0
+    );
+    let lines = json_lines(&log, 10);
+    let passed = lines
+        .iter()
+        .find(|l| l["path"] == "/monitor/search")
+        .expect("detect-only request logged");
+    assert_eq!(passed["status"], 200);
+    assert!(passed["detect_score"].as_u64().unwrap() > 0, "{passed}");
+    assert!(
+        passed["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c.as_str().unwrap().starts_with("detect:sqli")),
+        "{passed}"
+    );
+    let blocked = lines
+        .iter()
+        .find(|l| l["path"] == "/search")
+        .expect("blocked request logged");
+    assert_eq!(blocked["status"], 403);
+    assert!(
+        blocked["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c == "detect:sqli"),
+        "{blocked}"
+    );
 }

@@ -77,6 +77,9 @@ pub struct ProxyConfig {
     /// Authentication, authorization and L7 rate limits; absent = every request is let through.
     #[serde(default)]
     pub auth: Option<crate::auth::AuthConfig>,
+    /// What attack detection looks for and skips.
+    #[serde(default)]
+    pub detect: Option<crate::detect::DetectConfig>,
     /// Attack detection on routes that do not say otherwise: `block`, `detect-only` or `off`.
     #[serde(default = "default_detect_mode")]
     pub detect_mode: crate::auth::DetectMode,
@@ -105,7 +108,7 @@ fn default_detect_mode() -> crate::auth::DetectMode {
     crate::auth::DetectMode::Block
 }
 fn default_detect_threshold() -> u32 {
-    10
+    crate::detect::DEFAULT_THRESHOLD
 }
 fn default_access_log() -> String {
     "log".to_owned()
@@ -192,6 +195,10 @@ impl ProxyConfig {
         }
         if let Some(a) = &self.auth {
             a.validate().map_err(|e| prefix("auth", e))?;
+        }
+        if let Some(d) = &self.detect {
+            d.validate()
+                .map_err(|e| Invalid::new("detect", e.to_string()))?;
         }
         if self.detect_threshold == 0 {
             return Err(Invalid::new("detect_threshold", "must be at least 1"));

@@ -9,13 +9,17 @@ use http::{HeaderValue, Request, Response, StatusCode, header, request::Parts};
 use hyper::body::Incoming;
 use tokio_util::sync::CancellationToken;
 
+use super::limits::{BodyError, Limit, LimitedBody};
 use super::{
     ProxyConfig,
     forward::RespBody,
     server::{ConnRef, Trace, refuse},
     violations::Kind,
 };
-use crate::auth::{self, Auth, Outcome};
+use crate::{
+    auth::{self, Auth, Outcome},
+    detect::{self, Detector},
+};
 
 pub use crate::auth::DetectMode;
 
@@ -41,6 +45,9 @@ pub enum Inspected {
 /// The authentication and detection engines of a listener.
 pub struct Checks {
     auth: Option<Arc<Auth>>,
+    detector: Option<Arc<Detector>>,
+    max_body: u64,
+    read_timeout: std::time::Duration,
     detect_mode: DetectMode,
     detect_threshold: u32,
 }
@@ -52,8 +59,15 @@ impl Checks {
             Some(a) => Some(Auth::new(a, shutdown).await?),
             None => None,
         };
+        let detector = match (&cfg.detect, cfg.detect_mode) {
+            (_, DetectMode::Off) if !routes_turn_detection_on(cfg) => None,
+            (d, _) => Some(Arc::new(Detector::new(&d.clone().unwrap_or_default()))),
+        };
         Ok(Self {
             auth,
+            detector,
+            max_body: cfg.limits.max_body_bytes,
+            read_timeout: cfg.limits.read_timeout,
             detect_mode: cfg.detect_mode,
             detect_threshold: cfg.detect_threshold,
         })
@@ -148,20 +162,163 @@ impl Checks {
         }
     }
 
-    /// Attack detection: the body (buffered when inspected), or the refusal.
+    /// Attack detection: the body (buffered when its content type is inspected, up to the body
+    /// limit), or the refusal.
     pub(crate) async fn inspect(
         &self,
-        _parts: &Parts,
+        parts: &Parts,
         body: Incoming,
         route: &RouteInfo,
-        _c: &ConnRef<'_>,
-        _trace: &mut Trace,
+        c: &ConnRef<'_>,
+        trace: &mut Trace,
     ) -> Result<Inspected, Response<RespBody>> {
+        let Some(detector) = &self.detector else {
+            return Ok(Inspected::Untouched(body));
+        };
         if route.detect == DetectMode::Off {
             return Ok(Inspected::Untouched(body));
         }
-        Ok(Inspected::Untouched(body))
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let buffered = if hyper::body::Body::is_end_stream(&body) {
+            None
+        } else if inspects_body(content_type) {
+            let limited = LimitedBody::new(body, self.max_body, self.read_timeout);
+            match http_body_util::BodyExt::collect(limited).await {
+                Ok(b) => Some(b.to_bytes()),
+                Err(e) => {
+                    let (reason, status) = match e {
+                        BodyError::TooLarge => (Limit::BodySize, StatusCode::PAYLOAD_TOO_LARGE),
+                        BodyError::Timeout => (Limit::ReadTimeout, StatusCode::REQUEST_TIMEOUT),
+                        BodyError::Client(_) => (Limit::Malformed, StatusCode::BAD_REQUEST),
+                    };
+                    return Err(refuse(
+                        c,
+                        trace,
+                        "limit",
+                        reason.as_str(),
+                        status,
+                        Some(Kind::Limit),
+                    ));
+                }
+            }
+        } else {
+            return self
+                .verdict(detector, parts, None, content_type, route, c, trace)
+                .map(|()| Inspected::Untouched(body));
+        };
+        self.verdict(
+            detector,
+            parts,
+            buffered.as_deref(),
+            content_type,
+            route,
+            c,
+            trace,
+        )?;
+        Ok(match buffered {
+            Some(b) => Inspected::Buffered(b),
+            None => Inspected::Buffered(Bytes::new()),
+        })
     }
+
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one call site each, all borrowed"
+    )]
+    fn verdict(
+        &self,
+        detector: &Detector,
+        parts: &Parts,
+        body: Option<&[u8]>,
+        content_type: Option<&str>,
+        route: &RouteInfo,
+        c: &ConnRef<'_>,
+        trace: &mut Trace,
+    ) -> Result<(), Response<RespBody>> {
+        let headers: Vec<(&str, &[u8])> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        let verdict = detector.inspect(&detect::Request {
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &headers,
+            body,
+            content_type,
+        });
+        trace.detect_score = verdict.score;
+        if !verdict.reaches(route.threshold) {
+            return Ok(());
+        }
+        for f in &verdict.findings {
+            trace
+                .checks
+                .push(format!("detect:{}@{}", f.rule, f.location.as_str()));
+        }
+        let category = verdict
+            .categories()
+            .first()
+            .map_or("attack", |c| c.as_str());
+        if route.detect == DetectMode::DetectOnly {
+            c.common
+                .metrics
+                .detections_passed
+                .get_or_create(&super::metrics::CheckLabels {
+                    check: "detect",
+                    reason: category,
+                })
+                .inc();
+            tracing::warn!(
+                target: "apifilter::proxy",
+                client = %c.client,
+                score = verdict.score,
+                category,
+                path = parts.uri.path(),
+                "attack detected (detect-only: forwarded)"
+            );
+            return Ok(());
+        }
+        Err(refuse(
+            c,
+            trace,
+            "detect",
+            category,
+            StatusCode::FORBIDDEN,
+            Some(Kind::Attack),
+        ))
+    }
+}
+
+/// Whether detection reads bodies of this content type (JSON, forms, multipart, text, XML, or
+/// none given).
+fn inspects_body(content_type: Option<&str>) -> bool {
+    let essence = content_type
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence.is_empty()
+        || essence == "application/json"
+        || essence.ends_with("+json")
+        || essence == "application/x-www-form-urlencoded"
+        || essence == "multipart/form-data"
+        || essence.starts_with("text/")
+        || essence.ends_with("/xml")
+        || essence.ends_with("+xml")
+}
+
+fn routes_turn_detection_on(cfg: &ProxyConfig) -> bool {
+    cfg.auth.as_ref().is_some_and(|a| {
+        a.routes
+            .iter()
+            .any(|r| matches!(r.detect, Some(DetectMode::Block | DetectMode::DetectOnly)))
+    })
 }
 
 /// The path as authorization sees it: percent-decoded once, dot segments resolved, empty

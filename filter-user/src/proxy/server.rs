@@ -55,7 +55,7 @@ const DRAIN: Duration = Duration::from_secs(10);
 
 /// What every listener shares.
 pub(crate) struct Common {
-    metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     tracker: Arc<Tracker>,
     bans: BanSender,
     shutdown: CancellationToken,
