@@ -285,6 +285,14 @@ impl Proxy {
 
     /// Run `config_text` with `ctl`, inside `ns` when given.
     pub fn start_with(config_text: &str, ctl: Arc<Control>, ns: Option<&Netns>) -> Self {
+        // APIFILTER_LOG=debug shows the proxy's logs in test output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_env("APIFILTER_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            )
+            .with_test_writer()
+            .try_init();
         let cfg = Config::parse("test.toml", config_text)
             .unwrap_or_else(|e| panic!("test config does not parse: {e}\n{config_text}"));
         let listens: Vec<SocketAddr> = cfg.proxies.iter().map(|p| p.listen).collect();

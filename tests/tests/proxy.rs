@@ -103,10 +103,7 @@ fn tls12_tls13_and_alpn_with_curl_and_s_client() {
             &["-servername", "a.test", v, "-cipher", "DEFAULT@SECLEVEL=0"],
         );
         assert!(!ok, "{v} was accepted: {out}");
-        assert!(
-            out.contains("protocol version") || out.contains("unsupported protocol"),
-            "{v}: {out}"
-        );
+        assert!(out.contains("Cipher is (NONE)"), "{v}: {out}");
     }
     // Stateless resumption: a ticket from the first connection resumes the second.
     let sess = shared_certs().dir.join(format!("sess-{}", s.port));

@@ -554,3 +554,236 @@ mod tests {
         assert_eq!(t.open(), 2);
     }
 }
+
+/// Watches the raw HTTP/1.1 bytes of a connection for request heads that carry both
+/// `Content-Length` and `Transfer-Encoding`. hyper resolves that conflict itself (it drops the
+/// length, reads the body as chunked and closes the connection afterwards), so the request that
+/// reaches the service looks clean; this scanner follows the framing of every request (head,
+/// fixed-length or chunked body) and remembers the index of the first conflicting one, so the
+/// service can refuse exactly that request.
+#[derive(Debug)]
+pub struct FramingScanner {
+    state: Scan,
+    head: Vec<u8>,
+    max_head: usize,
+    /// Heads seen so far.
+    heads: u64,
+    /// Index of the first conflicting head.
+    pub conflict: Option<u64>,
+    done: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    Head,
+    Fixed(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkDataEnd(u8),
+    Trailers,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
+impl FramingScanner {
+    /// A scanner that gives up on heads longer than `max_head` bytes (hyper refuses those).
+    pub fn new(max_head: usize) -> Self {
+        Self {
+            state: Scan::Head,
+            head: Vec::new(),
+            max_head,
+            heads: 0,
+            conflict: None,
+            done: false,
+        }
+    }
+
+    /// Feed bytes as they are read.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && !self.done {
+            match self.state {
+                Scan::Head => {
+                    let before = self.head.len();
+                    let take = match find_end(&self.head, data) {
+                        Some(n) => n,
+                        None => data.len(),
+                    };
+                    self.head.extend_from_slice(&data[..take]);
+                    data = &data[take..];
+                    if self.heads == 0 && self.head.starts_with(H2_PREFACE) {
+                        self.done = true;
+                        return;
+                    }
+                    if self.head.len() > self.max_head {
+                        self.done = true;
+                        return;
+                    }
+                    if self.head.ends_with(b"\r\n\r\n") && self.head.len() > before {
+                        self.finish_head();
+                    } else if self.head == b"\r\n" {
+                        // Stray line ending between requests.
+                        self.head.clear();
+                    }
+                }
+                Scan::Fixed(n) => {
+                    let k = (data.len() as u64).min(n);
+                    data = &data[k as usize..];
+                    self.state = if n == k {
+                        Scan::Head
+                    } else {
+                        Scan::Fixed(n - k)
+                    };
+                }
+                Scan::ChunkSize => {
+                    let nl = data.iter().position(|&b| b == b'\n');
+                    let k = nl.map_or(data.len(), |i| i + 1);
+                    self.head.extend_from_slice(&data[..k]);
+                    data = &data[k..];
+                    if self.head.len() > 1024 {
+                        self.done = true;
+                        return;
+                    }
+                    if nl.is_some() {
+                        let line = String::from_utf8_lossy(&self.head);
+                        let hex = line.split([';', '\r', '\n']).next().unwrap_or("").trim();
+                        let size = u64::from_str_radix(hex, 16);
+                        self.head.clear();
+                        self.state = match size {
+                            Ok(0) => Scan::Trailers,
+                            Ok(n) => Scan::ChunkData(n),
+                            Err(_) => {
+                                self.done = true;
+                                return;
+                            }
+                        };
+                    }
+                }
+                Scan::ChunkData(n) => {
+                    let k = (data.len() as u64).min(n);
+                    data = &data[k as usize..];
+                    self.state = if n == k {
+                        Scan::ChunkDataEnd(2)
+                    } else {
+                        Scan::ChunkData(n - k)
+                    };
+                }
+                Scan::ChunkDataEnd(left) => {
+                    data = &data[1..];
+                    self.state = if left == 1 {
+                        Scan::ChunkSize
+                    } else {
+                        Scan::ChunkDataEnd(left - 1)
+                    };
+                }
+                Scan::Trailers => {
+                    let nl = data.iter().position(|&b| b == b'\n');
+                    let k = nl.map_or(data.len(), |i| i + 1);
+                    self.head.extend_from_slice(&data[..k]);
+                    data = &data[k..];
+                    if nl.is_some() {
+                        let empty = self.head == b"\r\n" || self.head == b"\n";
+                        self.head.clear();
+                        if empty {
+                            self.state = Scan::Head;
+                        }
+                    } else if self.head.len() > self.max_head {
+                        self.done = true;
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_head(&mut self) {
+        let index = self.heads;
+        self.heads += 1;
+        let (mut cl, mut te, mut chunked) = (None::<u64>, false, false);
+        for line in self.head.split(|&b| b == b'\n').skip(1) {
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let name = &line[..colon];
+            let value = String::from_utf8_lossy(&line[colon + 1..]);
+            let value = value.trim();
+            if name.eq_ignore_ascii_case(b"content-length") {
+                cl = Some(value.parse().unwrap_or(0));
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                te = true;
+                chunked = value
+                    .rsplit(',')
+                    .next()
+                    .is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+            }
+        }
+        if te && cl.is_some() && self.conflict.is_none() {
+            self.conflict = Some(index);
+        }
+        self.head.clear();
+        self.state = match (te, chunked, cl) {
+            (true, true, _) => Scan::ChunkSize,
+            // hyper refuses a non-chunked transfer coding; nothing more to follow.
+            (true, false, _) => {
+                self.done = true;
+                Scan::Head
+            }
+            (false, _, Some(n)) if n > 0 => Scan::Fixed(n),
+            _ => Scan::Head,
+        };
+    }
+}
+
+/// How many bytes of `data` complete a head that `head` started (through `\r\n\r\n`).
+fn find_end(head: &[u8], data: &[u8]) -> Option<usize> {
+    // The terminator may straddle the two.
+    let tail = &head[head.len().saturating_sub(3)..];
+    let mut joined = tail.to_vec();
+    joined.extend_from_slice(&data[..data.len().min(3)]);
+    if let Some(i) = joined.windows(4).position(|w| w == b"\r\n\r\n") {
+        let end_in_joined = i + 4;
+        if end_in_joined > tail.len() {
+            return Some(end_in_joined - tail.len());
+        }
+    }
+    data.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i + 4)
+}
+
+#[cfg(test)]
+mod scanner_tests {
+    use super::FramingScanner;
+
+    fn scan(chunks: &[&[u8]]) -> Option<u64> {
+        let mut s = FramingScanner::new(64 * 1024);
+        for c in chunks {
+            s.feed(c);
+        }
+        s.conflict
+    }
+
+    #[test]
+    fn finds_the_conflicting_request() {
+        let clean = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n".as_slice();
+        let posted = b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".as_slice();
+        let chunked =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                .as_slice();
+        let bad =
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n"
+                .as_slice();
+        assert_eq!(scan(&[clean, posted, chunked]), None);
+        assert_eq!(scan(&[clean, posted, chunked, bad]), Some(3));
+        assert_eq!(scan(&[bad]), Some(0));
+        // Split anywhere, even inside the terminator and chunk sizes.
+        let all = [clean, posted, chunked, bad].concat();
+        for cut in 1..all.len() {
+            assert_eq!(scan(&[&all[..cut], &all[cut..]]), Some(3), "cut at {cut}");
+        }
+        // A body that looks like headers is not a head.
+        let tricky =
+            b"POST / HTTP/1.1\r\nContent-Length: 45\r\n\r\nContent-Length: 1\r\nTransfer-Encoding: x\r\n\r\n\r\n"
+                .as_slice();
+        assert_eq!(scan(&[tricky, clean]), None);
+        assert_eq!(scan(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", bad]), None);
+    }
+}

@@ -52,6 +52,8 @@ use crate::{config::Config, control::Control, daemon::Shared};
 const P99_WINDOW: Duration = Duration::from_secs(10);
 /// How long connections of a stopped listener get to finish on shutdown.
 const DRAIN: Duration = Duration::from_secs(10);
+/// How long an idle connection gets to close cleanly once told to.
+const IDLE_GRACE: Duration = Duration::from_millis(500);
 
 /// What every listener shares.
 pub(crate) struct Common {
@@ -374,12 +376,17 @@ struct Conn {
     common: Arc<Common>,
     client_cert: bool,
     inflight: AtomicUsize,
+    activity: Arc<Activity>,
+    h1_requests: AtomicU64,
 }
 
-/// Last time bytes were read, in ms since `epoch`.
+/// Last time bytes were read, in ms since `epoch`, and what the framing scanner found.
 struct Activity {
     epoch: Instant,
     last_ms: AtomicU64,
+    /// Index of the first HTTP/1.1 request whose head had both `Content-Length` and
+    /// `Transfer-Encoding` (`u64::MAX`: none).
+    framing_conflict: AtomicU64,
 }
 
 impl Activity {
@@ -393,10 +400,12 @@ impl Activity {
     }
 }
 
-/// An IO that notes when bytes were last read.
+/// An IO that notes when bytes were last read and, on HTTP/1.1 connections, follows the
+/// request framing (see [`limits::FramingScanner`]).
 struct Watched<T> {
     inner: T,
     activity: Arc<Activity>,
+    scanner: Option<limits::FramingScanner>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -409,6 +418,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.activity.touch();
+            let this = &mut *self;
+            if let Some(scanner) = &mut this.scanner {
+                scanner.feed(&buf.filled()[before..]);
+                if let Some(i) = scanner.conflict {
+                    this.activity.framing_conflict.store(i, Ordering::Relaxed);
+                    this.scanner = None;
+                }
+            }
         }
         r
     }
@@ -481,9 +498,11 @@ async fn connection(
         }
     };
     let client_cert = tls.get_ref().1.peer_certificates().is_some();
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let activity = Arc::new(Activity {
         epoch: Instant::now(),
         last_ms: AtomicU64::new(0),
+        framing_conflict: AtomicU64::new(u64::MAX),
     });
     let conn = Arc::new(Conn {
         peer,
@@ -491,17 +510,22 @@ async fn connection(
         common: common.clone(),
         client_cert,
         inflight: AtomicUsize::new(0),
+        activity: activity.clone(),
+        h1_requests: AtomicU64::new(0),
     });
     let io = TokioIo::new(Watched {
         inner: tls,
         activity: activity.clone(),
+        scanner: (!h2).then(|| limits::FramingScanner::new(limits.h1_buf_size())),
     });
     let watched = conn.clone();
     let svc = service_fn(move |req| handle(req, conn.clone()));
     let served = site.http.serve_connection(io, svc);
     tokio::pin!(served);
     let idle = limits.idle_timeout;
-    let mut closing = false;
+    // Set once a graceful shutdown started: past it, the connection is dropped (a client that
+    // never acknowledges an HTTP/2 GOAWAY cannot hold it open).
+    let mut close_by: Option<Instant> = None;
     let tick = (idle / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
     let mut watchdog = tokio::time::interval(tick);
     loop {
@@ -512,14 +536,20 @@ async fn connection(
                 }
                 break;
             }
-            () = stop.cancelled(), if !closing => {
-                closing = true;
+            () = stop.cancelled(), if close_by.is_none() => {
+                close_by = Some(Instant::now() + DRAIN);
                 served.as_mut().graceful_shutdown();
             }
-            _ = watchdog.tick(), if !closing => {
+            _ = watchdog.tick() => {
+                if let Some(deadline) = close_by {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    continue;
+                }
                 let busy = watched.inflight.load(Ordering::Relaxed) > 0;
                 if !busy && activity.idle_for() >= idle {
-                    closing = true;
+                    close_by = Some(Instant::now() + IDLE_GRACE);
                     m.reject("limit", Limit::IdleTimeout.as_str());
                     served.as_mut().graceful_shutdown();
                 }
@@ -726,6 +756,20 @@ async fn pipeline_steps(
     let m = &conn.common.metrics;
 
     // Protocol limits.
+    if req.version() != http::Version::HTTP_2 {
+        let index = conn.h1_requests.fetch_add(1, Ordering::Relaxed);
+        if conn.activity.framing_conflict.load(Ordering::Relaxed) == index {
+            let limit = Limit::Framing;
+            return refuse(
+                &c,
+                trace,
+                "limit",
+                limit.as_str(),
+                limit.status(),
+                Some(Kind::Limit),
+            );
+        }
+    }
     if let Err(limit) = limits::check_request(&req, &site.cfg.limits) {
         return refuse(
             &c,
