@@ -16,7 +16,7 @@ use std::{
 
 use integration_tests::{
     Instance,
-    netns::{Topology, tcp_connect_from, v4},
+    netns::{Netns, Topology, VethPair, tcp_connect_from, v4},
     proxy::{
         Certs, Proxy, Upstream, curl, curl_in, exchange, free_port, json_lines, peer_closed,
         proxy_section, read_for, s_client, shared_certs, status_of, tls_connect, tls_connect_to,
@@ -715,11 +715,26 @@ fn offenders_are_banned_in_the_kernel_and_dropped_by_xdp() {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    run_af(&["attach", "s0"]);
+    // The legitimate client lives in a namespace of its own, on a second link.
+    let other = Netns::new("afo");
+    let _link = VethPair::new(
+        &topo.server,
+        "s9",
+        "02:af:00:00:09:01",
+        &other,
+        "c9",
+        "02:af:00:00:09:02",
+    );
+    topo.server.add_addr("s9", "198.18.2.1/24");
+    other.add_addr("c9", "198.18.2.2/24");
+    topo.server.wait_ready("s9");
+    other.wait_ready("c9");
+    run_af(&["attach", "s0", "s9"]);
 
     let server_ip = v4(1, 1);
     let attacker = v4(1, 2);
-    let legit = v4(1, 3);
+    let legit_server_ip = v4(2, 1);
+    let legit = v4(2, 2);
     let port = 8443;
     let upstream = topo.server.run(Upstream::start);
     let text = format!(
@@ -737,9 +752,10 @@ fn offenders_are_banned_in_the_kernel_and_dropped_by_xdp() {
     );
     let proxy = Proxy::start_with(&text, ctl, Some(&topo.server));
     let dst = SocketAddr::new(server_ip, port);
-    topo.client.run(|| {
+    let legit_dst = SocketAddr::new(legit_server_ip, port);
+    other.run(|| {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while integration_tests::proxy::tcp_from(dst, Some(legit)).is_err() {
+        while integration_tests::proxy::tcp_from(legit_dst, Some(legit)).is_err() {
             assert!(Instant::now() < deadline, "the proxy does not listen");
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -755,13 +771,13 @@ fn offenders_are_banned_in_the_kernel_and_dropped_by_xdp() {
 
     // The legitimate client is served.
     let ok = curl_in(
-        Some(&topo.client),
+        Some(&other),
         &certs,
-        server_ip,
+        legit_server_ip,
         port,
         "a.test",
         "/",
-        &["--interface", &legit.to_string()],
+        &[],
     );
     assert_eq!(ok.status, 200, "{ok:?}");
 
@@ -838,13 +854,13 @@ fn offenders_are_banned_in_the_kernel_and_dropped_by_xdp() {
         .expect_err("the banned attacker could still connect");
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
     let ok = curl_in(
-        Some(&topo.client),
+        Some(&other),
         &certs,
-        server_ip,
+        legit_server_ip,
         port,
         "a.test",
         "/",
-        &["--interface", &legit.to_string()],
+        &[],
     );
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(proxy.metric("apifilter_proxy_bans_total"), 1.0);

@@ -3,7 +3,6 @@
 //! response headers added (security headers) and removed (`Server`, versions), and the CSRF guard.
 
 use std::{
-    convert::Infallible,
     hash::{BuildHasher as _, Hasher as _},
     net::IpAddr,
     pin::Pin,
@@ -542,9 +541,6 @@ pub fn request_id() -> String {
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     format!("{:016x}", z ^ (z >> 31))
 }
-
-/// Never fails; for `service_fn`.
-pub type Never = Infallible;
 
 #[cfg(test)]
 mod tests {

@@ -217,7 +217,7 @@ impl CertSet {
         let name = name.to_ascii_lowercase();
         // Configured names first, exact then wildcard.
         for (i, c) in self.certs.iter().enumerate() {
-            if c.names.iter().any(|n| *n == name) {
+            if c.names.contains(&name) {
                 return Some(i);
             }
         }

@@ -8,7 +8,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher as _, Hash as _, Hasher as _},
+    hash::BuildHasher as _,
     net::IpAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -279,9 +279,7 @@ impl Tracker {
     }
 
     fn shard(&self, ip: &IpAddr) -> &Mutex<HashMap<IpAddr, Entry>> {
-        let mut h = self.hasher.build_hasher();
-        ip.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+        &self.shards[(self.hasher.hash_one(ip) as usize) % SHARDS]
     }
 
     /// Add a violation by `ip` at `at`; returns a ban order when it crosses the threshold.
