@@ -13,8 +13,8 @@
 //! - `payloadsallthethings/<category>/*` are raw payloads; the `{FILE}` placeholder of the
 //!   traversal lists is filled with `etc/passwd`, the file such lists are meant to reach.
 //! - `#` lines are comments; empty lines and duplicates are dropped.
-//! - Probes are not counted as attacks: lines that hold no letter or digit once escape
-//!   spellings are taken out (`'`, `;`, `%0a`, `\r\n`), and lines that are one bare word
+//! - Probes are not counted as attacks: lines that hold no letter or digit once decoded and
+//!   escape spellings are taken out (`'`, `;`, `%0a`, `\r\n`, `&#x3C;`), and lines that are one bare word
 //!   (`onAbort`, `FSCommand`, `whoami`, `ls`). The first test how a target reacts to a delimiter,
 //!   the second are names fuzzers put into a context of their own; neither carries a payload a
 //!   detector could tell from punctuation or a word. The report states how many were set aside.
@@ -203,7 +203,8 @@ fn url_decode_once(line: &[u8]) -> Vec<u8> {
 
 /// Whether a line is a probe rather than a payload (see the module docs).
 pub fn is_probe(payload: &[u8]) -> bool {
-    let decoded = url_decode_once(payload);
+    let (mut decoded, mut tmp, mut work) = (Vec::new(), Vec::new(), super::decode::Work::default());
+    super::decode::normalize(payload, true, &mut decoded, &mut tmp, &mut work);
     let word = decoded.trim_ascii();
     if !word.is_empty() && word.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'_') {
         return true;
@@ -432,7 +433,7 @@ const SAMPLES: usize = 12;
 
 /// Runs the whole measurement with `detector` on `corpus` and `benign` requests.
 pub fn measure(detector: &Detector, corpus: &Corpus, benign: &[OwnedRequest]) -> Report {
-    let mut rng = Rng::new(0x5eed_a77a_c4);
+    let mut rng = Rng::new(0x005e_eda7_7ac4);
     let mut attack_time = 0u128;
     let mut attack_count = 0usize;
     let mut categories = Vec::new();
@@ -480,7 +481,7 @@ pub fn measure(detector: &Detector, corpus: &Corpus, benign: &[OwnedRequest]) ->
             let v = detector.inspect(&owned.as_request(&headers));
             if v.reaches(DEFAULT_THRESHOLD) {
                 fp_flagged[i] += 1;
-                if flagged_examples.len() < SAMPLES {
+                if flagged_examples.len() < SAMPLES * 4 && i == 0 {
                     flagged_examples.push(format!(
                         "fp-list {}: {} -> {}",
                         placement.as_str(),
@@ -502,7 +503,7 @@ pub fn measure(detector: &Detector, corpus: &Corpus, benign: &[OwnedRequest]) ->
         benign_time += thread_cpu_ns().saturating_sub(t);
         if v.reaches(DEFAULT_THRESHOLD) {
             benign_flagged += 1;
-            if flagged_examples.len() < SAMPLES * 2 {
+            if flagged_examples.len() < SAMPLES * 8 {
                 flagged_examples.push(format!("benign: {} -> {}", describe(owned), rules_of(&v)));
             }
         }
@@ -975,7 +976,7 @@ fn markdown(rng: &mut Rng) -> String {
         );
     }
     if rng.chance(30) {
-        let _ = write!(s, "> {}\n", rng.pick(SENTENCES));
+        let _ = writeln!(s, "> {}", rng.pick(SENTENCES));
     }
     s
 }
@@ -1060,7 +1061,7 @@ fn json_value(rng: &mut Rng, depth: usize) -> String {
 /// with names, addresses, prose, markdown, code snippets, tokens and dates, form logins, and
 /// the headers and cookies browsers and API clients send.
 pub fn benign_requests(n: usize) -> Vec<OwnedRequest> {
-    let mut rng = Rng::new(0xbe41_9e);
+    let mut rng = Rng::new(0x00be_419e);
     (0..n).map(|_| benign_request(&mut rng)).collect()
 }
 
@@ -1199,11 +1200,13 @@ mod tests {
 
     #[test]
     fn probes_are_recognised() {
-        for p in ["'", "; ", "%0a%0d", "\\r\\n", "'\"", "`"] {
+        for p in [
+            "'", "; ", "%0a%0d", "\\r\\n", "'\"", "`", "&#x003C;", "\\x3c",
+        ] {
             assert!(is_probe(p.as_bytes()), "{p}");
         }
         assert!(is_probe(b"onAbort") && is_probe(b"whoami"));
-        for p in ["`id`", ";ls", "..%2f", "uname -a"] {
+        for p in ["`id`", ";ls", "..%2fetc", "uname -a"] {
             assert!(!is_probe(p.as_bytes()), "{p}");
         }
     }

@@ -8,8 +8,8 @@
 //!   one space (a newline when the run held one, since shells treat it as a separator);
 //! - the *compact* text: canonical without any whitespace, for `java\tscript:`-style splits.
 //!
-//! Keyword rules find their keywords with Aho-Corasick automata (linear in the text plus the
-//! matches) and then check a context window of at most [`WINDOW`] bytes around each match, so
+//! Keyword rules find their keywords with Aho-Corasick automata (leftmost-longest, linear in
+//! the text) and then check a context window of at most [`WINDOW`] bytes around each match, so
 //! a field of `n` bytes costs `O(n)`.
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
@@ -180,8 +180,26 @@ const SIGS: &[Sig] = &[
     sig("xp_regread", S, "sqli.procedure", STRONG, LA, RA),
     sig("exec master", S, "sqli.procedure", STRONG, LW, RA),
     sig("drop table", S, "sqli.statement", WEAK, LW, RW),
-    sig("order by", S, "sqli.order_by", WEAK, LW, RW),
-    sig("group by", S, "sqli.order_by", WEAK, LW, RW),
+    sig("order by 0", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 1", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 2", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 3", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 4", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 5", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 6", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 7", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 8", S, "sqli.order_by", WEAK, LW, RA),
+    sig("order by 9", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 0", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 1", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 2", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 3", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 4", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 5", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 6", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 7", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 8", S, "sqli.order_by", WEAK, LW, RA),
+    sig("group by 9", S, "sqli.order_by", WEAK, LW, RA),
     // Cross-site scripting
     sig("<script", X, "xss.script_tag", STRONG, LA, RW),
     sig("</script", X, "xss.script_tag", STRONG, LA, RW),
@@ -195,6 +213,17 @@ const SIGS: &[Sig] = &[
     sig("<base", X, "xss.active_tag", STRONG, LA, RW),
     sig("<isindex", X, "xss.active_tag", STRONG, LA, RW),
     sig("<import", X, "xss.active_tag", STRONG, LA, RW),
+    sig("<layer", X, "xss.active_tag", STRONG, LA, RW),
+    sig("<ilayer", X, "xss.active_tag", STRONG, LA, RW),
+    sig("<bgsound", X, "xss.active_tag", STRONG, LA, RW),
+    sig("<!entity", X, "xss.markup_declaration", STRONG, LA, RW),
+    sig("<!attlist", X, "xss.markup_declaration", STRONG, LA, RW),
+    sig("<!--[if", X, "xss.markup_declaration", STRONG, LA, RA),
+    sig("<![endif]", X, "xss.markup_declaration", STRONG, LA, RA),
+    sig("+adw-", X, "xss.utf7", STRONG, LA, RA),
+    sig("activexobject", X, "xss.js_call", STRONG, LW, RW),
+    sig("<%", X, "xss.server_tag", WEAK, LA, RA),
+    sig("<? ", C, "cmdi.code_exec", STRONG, LA, RA),
     sig("<svg", X, "xss.active_tag", WEAK, LA, RW),
     sig("<math", X, "xss.active_tag", WEAK, LA, RW),
     sig("<style", X, "xss.active_tag", WEAK, LA, RW),
@@ -313,6 +342,7 @@ const COMPACT_SIGS: &[(&str, &str)] = &[
     ("javascript:", "xss.script_uri"),
     ("vbscript:", "xss.script_uri"),
     ("livescript:", "xss.script_uri"),
+    ("mocha:", "xss.script_uri"),
     ("data:text/html", "xss.script_uri"),
     ("data:image/svg+xml", "xss.script_uri"),
     ("expression(", "xss.css_expression"),
@@ -390,7 +420,6 @@ const COMMANDS: &[(&str, Cmd)] = &[
     ("kill", Cmd::Word),
     ("ps", Cmd::Word),
     ("env", Cmd::Word),
-    ("set", Cmd::Word),
     (
         "net",
         Cmd::Sub(&[
@@ -466,7 +495,7 @@ impl Rules {
     pub fn new() -> Self {
         let build = |pats: Vec<&str>| {
             AhoCorasickBuilder::new()
-                .match_kind(MatchKind::Standard)
+                .match_kind(MatchKind::LeftmostLongest)
                 .kind(Some(AhoCorasickKind::DFA))
                 .build(pats)
                 .unwrap_or_else(|e| unreachable!("static patterns compile: {e}"))
@@ -503,17 +532,20 @@ impl Rules {
         canonicalize(text, canon);
         let canon = &canon[..];
 
-        for m in self.sigs.find_overlapping_iter(canon) {
-            let s = &SIGS[m.pattern().as_usize()];
-            if enabled.on(s.category)
-                && left_ok(canon, m.start(), s.left)
-                && right_ok(canon, m.end(), s.right)
-            {
-                emit(Hit {
-                    category: s.category,
-                    rule: s.rule,
-                    score: s.score,
-                });
+        for m in self.sigs.find_iter(canon) {
+            let pat = SIGS[m.pattern().as_usize()].pat;
+            // A keyword may carry several signatures with different contexts.
+            for s in SIGS.iter().filter(|s| s.pat == pat) {
+                if enabled.on(s.category)
+                    && left_ok(canon, m.start(), s.left)
+                    && right_ok(canon, m.end(), s.right)
+                {
+                    emit(Hit {
+                        category: s.category,
+                        rule: s.rule,
+                        score: s.score,
+                    });
+                }
             }
         }
         if enabled.xss {
@@ -521,7 +553,7 @@ impl Rules {
             {
                 compact.clear();
                 compact.extend(canon.iter().copied().filter(|b| !matches!(b, b' ' | b'\n')));
-                for m in self.compact.find_overlapping_iter(&compact[..]) {
+                for m in self.compact.find_iter(&compact[..]) {
                     let (_, rule) = COMPACT_SIGS[m.pattern().as_usize()];
                     emit(Hit {
                         category: X,
@@ -529,6 +561,7 @@ impl Rules {
                         score: STRONG,
                     });
                 }
+                obfuscated_hosts(compact, emit);
             }
             if memchr::memchr(b'=', canon).is_some() {
                 event_handlers(canon, emit);
@@ -559,7 +592,25 @@ impl Rules {
 
     /// Command names after a shell separator, inside a substitution, or opening the value.
     fn commands(&self, canon: &[u8], emit: &mut dyn FnMut(Hit)) {
-        for m in self.commands.find_overlapping_iter(canon) {
+        // Without a separator or a substitution only a command opening the value counts, so
+        // only the first token (a path to the binary included) needs searching.
+        let joined = memchr::memchr3(b';', b'|', b'&', canon).is_some()
+            || memchr::memchr2(b'\n', b'`', canon).is_some()
+            || memchr::memmem::find(canon, b"$(").is_some();
+        let scope = if joined {
+            canon
+        } else {
+            let lead = canon
+                .iter()
+                .take_while(|b| matches!(b, b' ' | b'\'' | b'"'))
+                .count();
+            let first = canon[lead..]
+                .iter()
+                .position(|&b| b == b' ')
+                .map_or(canon.len(), |p| lead + p);
+            &canon[..first]
+        };
+        for m in self.commands.find_iter(scope) {
             let (start, end) = (m.start(), m.end());
             if !left_ok(canon, start, Left::Word) || !right_ok(canon, end, Right::Word) {
                 continue;
@@ -579,7 +630,7 @@ impl Rules {
                 Context::Substitution => Some("cmdi.substitution"),
                 Context::Separator
                     if kind == Cmd::Distinct
-                        || args == Args::Telling
+                        || matches!(args, Args::Telling | Args::Flag)
                         || (args == Args::None && !matches!(kind, Cmd::Sub(_))) =>
                 {
                     Some("cmdi.separator_command")
@@ -685,6 +736,49 @@ fn canonicalize(text: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// URLs whose host is an IPv4 address spelled to slip past filters: one decimal number
+/// (`http://1113982867/`), hex parts (`0x42.0x0000066...`) or octal parts (`0102.0146...`).
+fn obfuscated_hosts(compact: &[u8], emit: &mut dyn FnMut(Hit)) {
+    for at in memchr::memmem::find_iter(compact, b"://") {
+        let host_start = at + 3;
+        let host: &[u8] = compact[host_start..]
+            .iter()
+            .take(64)
+            .position(|b| matches!(b, b'/' | b'"' | b'\'' | b'>' | b'?' | b'#' | b':'))
+            .map_or(
+                &compact[host_start..(host_start + 64).min(compact.len())],
+                |end| &compact[host_start..host_start + end],
+            );
+        if host.is_empty()
+            || !host
+                .iter()
+                .all(|b| b.is_ascii_hexdigit() || matches!(b, b'.' | b'x'))
+        {
+            continue;
+        }
+        let parts: Vec<&[u8]> = host.split(|&b| b == b'.').collect();
+        let numeric = parts.iter().all(|p| {
+            !p.is_empty()
+                && (p.iter().all(u8::is_ascii_digit)
+                    || (p.starts_with(b"0x")
+                        && p.len() > 2
+                        && p[2..].iter().all(u8::is_ascii_hexdigit)))
+        });
+        let disguised = parts
+            .iter()
+            .any(|p| p.starts_with(b"0x") || (p.len() > 1 && p[0] == b'0'))
+            || (parts.len() == 1 && host.len() > 3);
+        if numeric && disguised && parts.len() <= 4 {
+            emit(Hit {
+                category: X,
+                rule: "xss.obfuscated_host",
+                score: STRONG,
+            });
+            return;
+        }
+    }
+}
+
 /// Event-handler attributes (`onerror=`) after a delimiter an attribute can follow.
 fn event_handlers(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
     let mut from = 0;
@@ -745,10 +839,13 @@ fn quote_comments(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
         let rest = &canon[j..];
         if rest.starts_with(b"--") || rest.starts_with(b"#") {
             let tail = &rest[..rest.len().min(WINDOW)];
-            let score = if memchr::memchr2(b'\'', b'"', tail).is_none() {
-                STRONG
-            } else {
+            let score = if tail
+                .iter()
+                .any(|b| b.is_ascii_alphanumeric() || matches!(b, b'\'' | b'"'))
+            {
                 WEAK
+            } else {
+                STRONG
             };
             emit(Hit {
                 category: S,
@@ -772,7 +869,8 @@ fn comment_tail(canon: &[u8]) -> bool {
 }
 
 /// One operand of a comparison: a number, a quoted string or an identifier (read at most
-/// [`WINDOW`] bytes). Returns its length.
+/// [`WINDOW`] bytes). A string left open at the end of the text counts: the application's
+/// own closing quote ends it (`x' or 'a'='a`). Returns its length.
 fn operand(s: &[u8]) -> Option<usize> {
     match s.first()? {
         b'0'..=b'9' => Some(
@@ -781,19 +879,21 @@ fn operand(s: &[u8]) -> Option<usize> {
                 .take_while(|b| b.is_ascii_digit() || **b == b'.')
                 .count(),
         ),
-        q @ (b'\'' | b'"') => {
-            let close = s[1..].iter().take(WINDOW).position(|b| b == q)?;
-            Some(close + 2)
-        }
+        q @ (b'\'' | b'"') => match s[1..].iter().take(WINDOW).position(|b| b == q) {
+            Some(close) => Some(close + 2),
+            None if s.len() <= WINDOW => Some(s.len()),
+            None => None,
+        },
         b'a'..=b'z' | b'_' => Some(s.iter().take(WINDOW).take_while(|b| is_word(**b)).count()),
         _ => None,
     }
 }
 
-/// Strips the quotes of a quoted operand, so `'1'` and `1` compare equal.
+/// Strips the quotes of a quoted operand, so `'1'`, `'1` and `1` compare equal.
 fn unquote(op: &[u8]) -> &[u8] {
     match op {
         [q @ (b'\'' | b'"'), inner @ .., last] if q == last => inner,
+        [b'\'' | b'"', inner @ ..] => inner,
         _ => op,
     }
 }
@@ -941,6 +1041,9 @@ enum Args {
     None,
     /// Shell-looking arguments, at least one of them telling (a flag, a path, a URL).
     Telling,
+    /// Shell-looking arguments whose telling ones are all flags (`ls -la`); search syntax
+    /// looks the same (`cross stitch -pdf`).
+    Flag,
     /// Shell-looking arguments, none telling (`cat 6`).
     Plain,
     /// At least one token reads as prose.
@@ -964,9 +1067,10 @@ fn arguments(rest: &[u8], kind: Cmd) -> Args {
         let first = tok[0];
         let pathish = matches!(
             first,
-            b'-' | b'/' | b'\\' | b'.' | b'~' | b'$' | b'*' | b'>' | b'<' | b'"' | b'\''
+            b'/' | b'\\' | b'.' | b'~' | b'$' | b'*' | b'>' | b'<' | b'"' | b'\''
         ) || tok.contains(&b'/')
             || tok.contains(&b'\\');
+        let flag = first == b'-' && tok.len() > 1;
         let telling = pathish
             || (kind == Cmd::Timing && first.is_ascii_digit())
             || (kind == Cmd::Lookup && COMMANDS.iter().any(|(c, _)| c.as_bytes() == tok))
@@ -975,6 +1079,10 @@ fn arguments(rest: &[u8], kind: Cmd) -> Args {
         if telling {
             result = Args::Telling;
             licensed |= pathish || matches!(kind, Cmd::Sub(_));
+        } else if flag {
+            if result != Args::Telling {
+                result = Args::Flag;
+            }
         } else if plain || licensed {
             if result == Args::None {
                 result = Args::Plain;
@@ -1008,7 +1116,22 @@ fn templates(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
                 && matches!(w[1], b'*' | b'+' | b'-' | b'/')
                 && w[2].is_ascii_digit()
         }) || body.windows(2).any(|w| w == b"__");
-        let statement = close == b"%}" && body.iter().any(|b| b.is_ascii_alphabetic());
+        let statement = close == b"%}" && {
+            let word = body.trim_ascii_start();
+            [
+                &b"for "[..],
+                b"if ",
+                b"set ",
+                b"import ",
+                b"include ",
+                b"extends ",
+                b"macro ",
+                b"print ",
+                b"exec ",
+            ]
+            .iter()
+            .any(|k| word.starts_with(k))
+        };
         if computes || statement {
             emit(Hit {
                 category: C,
@@ -1036,7 +1159,10 @@ fn traversal(canon: &[u8], path: &mut Vec<u8>, emit: &mut dyn FnMut(Hit)) {
     }
     // Spell separators one way; `0x2e`-style hex spellings become the bytes they name.
     path.clear();
-    let mut i = 0;
+    if memchr::memmem::find(canon, b"0x").is_none() {
+        path.extend(canon.iter().map(|&b| if b == b'\\' { b'/' } else { b }));
+    }
+    let mut i = if path.is_empty() { 0 } else { canon.len() };
     while i < canon.len() {
         if canon[i..].starts_with(b"0x2e") {
             path.push(b'.');
@@ -1069,13 +1195,7 @@ fn traversal(canon: &[u8], path: &mut Vec<u8>, emit: &mut dyn FnMut(Hit)) {
             rule: "traversal.dot_segments",
             score: STRONG,
         });
-    } else if dotdot == 1 {
-        emit(Hit {
-            category: T,
-            rule: "traversal.dot_segments",
-            score: WEAK,
-        });
-    } else if dot_runs >= 3 {
+    } else if dotdot == 1 || dot_runs >= 3 {
         emit(Hit {
             category: T,
             rule: "traversal.dot_segments",
@@ -1089,10 +1209,8 @@ fn traversal(canon: &[u8], path: &mut Vec<u8>, emit: &mut dyn FnMut(Hit)) {
 /// costliest rule, off most ordinary text such as user agents and prose.
 const SQL_GATE: &[&str] = &[
     "--",
-    "#",
     "@@",
     "0x",
-    ";",
     "select",
     "union",
     "insert",
@@ -1178,6 +1296,39 @@ fn sql_gate(gate: &AhoCorasick, canon: &[u8]) -> bool {
     })
 }
 
+/// Whether a libinjection fingerprint is one of the short shapes ordinary text also takes, in
+/// a text that lacks what makes the shape an attack (libinjection's own whitelist does the same
+/// for other shapes):
+/// - number or word then a comment (`1c`, `nc`, `sc`): an attack ends there, prose goes on
+///   (`50% off -- today only!`), and a quote, `)` or a space must precede the comment;
+/// - strings and operators only (`sos`, `s&s`, `so`) or operands joined by a logical operator
+///   (`1&1`): an attack compares something (`=`, `<`, `>`, `(`), prose does not
+///   (`"NOT" STUFFER`, `80% ACRYLIC AND 20% WOOL`);
+/// - a T-SQL statement word called with a bareword argument (`T(n`): `print(f"...")` is
+///   Python.
+fn prose_fingerprint(fp: &[u8], text: &[u8]) -> bool {
+    let fp = &fp[..fp.iter().position(|&b| b == 0).unwrap_or(fp.len())];
+    let compares = text.iter().any(|b| matches!(b, b'=' | b'<' | b'>' | b'('));
+    match fp {
+        [b'1' | b'n' | b's', b'c'] => {
+            let marker = memchr::memmem::find(text, b"--")
+                .or_else(|| memchr::memchr(b'#', text))
+                .unwrap_or(text.len());
+            let ends_there = !text[marker..].iter().any(u8::is_ascii_alphanumeric);
+            let head = &text[..marker];
+            let trimmed = head.trim_ascii_end();
+            let closed = trimmed
+                .last()
+                .is_some_and(|b| matches!(b, b'\'' | b'"' | b')'))
+                || trimmed.len() < head.len();
+            !(ends_there && closed)
+        }
+        b"sos" | b"s&s" | b"so" | b"s&" | b"1&1" | b"n&1" | b"1&n" | b"n&n" => !compares,
+        [b'T', b'(', b'n', ..] => true,
+        _ => false,
+    }
+}
+
 /// libinjection's SQLi and XSS detectors, each run only when the text could hold what its
 /// grammar looks for.
 fn libinjection(
@@ -1191,19 +1342,24 @@ fn libinjection(
     if text.len() < 2 {
         return;
     }
-    if enabled.sqli && sql_gate(gate, canon) && libinjectionrs::detect_sqli(text).is_injection() {
-        emit(Hit {
-            category: S,
-            rule: "sqli.libinjection",
-            score: STRONG,
-        });
+    if enabled.sqli && sql_gate(gate, canon) {
+        let mut state = libinjectionrs::SqliState::new(text, libinjectionrs::SqliFlags::FLAG_NONE);
+        if state.detect() && !prose_fingerprint(state.fingerprint.as_slice(), text) {
+            emit(Hit {
+                category: S,
+                rule: "sqli.libinjection",
+                score: STRONG,
+            });
+        }
     }
-    // Outside markup, libinjection's HTML grammar needs an attribute: a name then `=`.
+    // Outside markup, libinjection's HTML grammar needs an attribute (a name then `=`) that
+    // a space or a quote separates from the value it breaks out of.
     let html = memchr::memchr2(b'<', b'`', text).is_some()
-        || memchr::memchr_iter(b'=', text).any(|i| {
-            let before = text[..i].trim_ascii_end();
-            before.last().is_some_and(u8::is_ascii_alphabetic)
-        });
+        || (memchr::memchr3(b' ', b'"', b'\'', text).is_some()
+            && memchr::memchr_iter(b'=', text).any(|i| {
+                let before = text[..i].trim_ascii_end();
+                before.last().is_some_and(u8::is_ascii_alphabetic)
+            }));
     if enabled.xss && html && libinjectionrs::detect_xss(text).is_injection() {
         emit(Hit {
             category: X,
