@@ -668,7 +668,8 @@ pub fn peer_closed(s: &mut Tls) -> bool {
         .expect("timeout");
     let mut buf = [0u8; 1024];
     match s.read(&mut buf) {
-        Ok(_) => true,
+        // End of stream, or an answer: either way the head was not waited for.
+        Ok(0) | Ok(1..) => true,
         Err(e) => !matches!(
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut

@@ -228,6 +228,10 @@ impl Checks {
         clippy::too_many_arguments,
         reason = "one call site each, all borrowed"
     )]
+    #[expect(
+        clippy::result_large_err,
+        reason = "the refusal is the response itself, built only for refused requests"
+    )]
     fn verdict(
         &self,
         detector: &Detector,
