@@ -1143,3 +1143,28 @@ fn attacks_are_blocked_or_logged_per_route() {
         "{blocked}"
     );
 }
+
+#[test]
+fn reload_moves_a_listener_and_finishes_its_requests() {
+    let s = setup("", "");
+    let certs = shared_certs();
+    // A request in flight on the old listener when the config moves it.
+    let mut slow = tls_connect(certs, s.port, &[b"http/1.1"]);
+    slow.write_all(b"GET /slow HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .unwrap();
+    slow.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let new_port = free_port();
+    s.proxy
+        .reload(&proxy_section(new_port, certs, &s.upstream.url(), ""));
+    integration_tests::proxy::wait_listening(SocketAddr::from(([127, 0, 0, 1], new_port)));
+    assert_eq!(curl(certs, LOCAL, new_port, "a.test", "/", &[]).status, 200);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::net::TcpStream::connect(("127.0.0.1", s.port)).is_ok() {
+        assert!(Instant::now() < deadline, "the old listener still accepts");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The request in flight is answered before its connection closes.
+    let raw = read_for(&mut slow, Duration::from_secs(5));
+    assert_eq!(status_of(&raw), 200, "{raw}");
+}
