@@ -313,5 +313,10 @@ mod tests {
         assert!(e.contains("response_headers"), "{e}");
         let e = parse("[proxy.csrf]\nallowed_origins = [\"not a url\"]\n").unwrap_err();
         assert!(e.contains("proxy[0].csrf.allowed_origins[0]"), "{e}");
+        let one = "[[proxy]]\nlisten = \"127.0.0.1:8443\"\n[proxy.tls]\ncerts = [{ cert = \"c\", key = \"k\" }]\n";
+        let e = Config::parse("t.toml", &format!("{one}{one}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy[1].listen"), "{e}");
     }
 }
