@@ -143,7 +143,7 @@ const ENTITY_NAME_MAX: usize = 7;
 const NUMERIC_DIGITS_MAX: usize = 8;
 
 /// Decodes HTML character references into `out`: numeric (`&#60;`, `&#x3c;`, with or without
-/// `;`, any leading zeros) and the named ones in [`ENTITIES`]. Returns whether anything changed.
+/// `;`, any leading zeros) and a table of named ones. Returns whether anything changed.
 pub fn html_entities(input: &[u8], out: &mut Vec<u8>) -> bool {
     let mut changed = false;
     let mut i = 0;

