@@ -6,7 +6,8 @@
 //!   the binary in `~/.cache/apifilter/bpf-linker/bin`. A stamp file records the nightly it was
 //!   built for, so a new nightly triggers a rebuild and an unchanged one costs nothing.
 //! - bpffs mounted at `/sys/fs/bpf` (root only).
-//! - The Debian tools the integration tests and the demo use (root only; otherwise a hint).
+//! - The Debian tools the tests and the demo use (root only; otherwise a hint), including PyJWT
+//!   for the JWT interop test.
 
 use std::{
     collections::HashSet,
@@ -25,7 +26,8 @@ use crate::cmd::{self, is_root, stdout_of, step};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where bpffs must be mounted.
 const BPFFS: &str = "/sys/fs/bpf";
-/// Debian packages the integration tests and the demo run.
+/// Debian packages the tests and the demo run. PyJWT and `cryptography` mint the tokens that
+/// `filter-user/tests/auth_interop.rs` verifies (Debian's, so no pip step is needed).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -34,6 +36,8 @@ const PACKAGES: &[&str] = &[
     "curl",
     "openssl",
     "python3",
+    "python3-jwt",
+    "python3-cryptography",
 ];
 
 /// How much of the setup a command needs.
@@ -426,7 +430,10 @@ mod tests {
         let listing = "iproute2 install ok installed\nethtool deinstall ok config-files\n\
                        bpftool install ok installed\nxdp-tools install ok installed\n\
                        curl install ok installed\nopenssl install ok installed\n";
-        assert_eq!(missing_from(listing), ["ethtool", "python3"]);
+        assert_eq!(
+            missing_from(listing),
+            ["ethtool", "python3", "python3-jwt", "python3-cryptography"]
+        );
         assert_eq!(missing_from(""), PACKAGES);
     }
 

@@ -64,8 +64,9 @@ pub struct ApiKeySource {
     /// Request header carrying the key; `""` = keys are not read from a header.
     #[serde(default = "default_api_key_header")]
     pub header: String,
-    /// Query parameter carrying the key; absent = keys are not read from the query. Keys in URLs
-    /// end up in access logs, so prefer the header.
+    /// Query parameter carrying the key; absent = keys are not read from the query. The value is
+    /// form-decoded (`%2B` is `+`, a bare `+` is a space). Keys in URLs end up in access logs, so
+    /// prefer the header; the header wins when both are present.
     #[serde(default)]
     pub query: Option<String>,
 }
@@ -155,7 +156,8 @@ pub struct JwtConfig {
     /// Revoked token ids (`jti`).
     #[serde(default)]
     pub revoked_jti: Vec<String>,
-    /// A file of revoked token ids, one per line (`#` comments); re-read when it changes.
+    /// A file of revoked token ids, one per line (`#` comments); re-read when it changes (checked
+    /// every 30 s).
     #[serde(default)]
     pub revoked_jti_file: Option<PathBuf>,
     /// The claim naming the caller.
@@ -216,6 +218,10 @@ pub struct JwtKeyConfig {
     /// HTTP timeout for a JWKS fetch.
     #[serde(default = "default_http_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for the JWKS URL, e.g. an internal identity
+    /// provider's; the built-in web roots stay trusted.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_jwks_refresh() -> Duration {
@@ -254,6 +260,9 @@ pub struct IntrospectionConfig {
     /// HTTP timeout for one introspection.
     #[serde(default = "default_http_timeout", with = "duration")]
     pub timeout: Duration,
+    /// Extra CA certificates (PEM) trusted for the endpoint; the built-in web roots stay trusted.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_introspection_ttl() -> Duration {
@@ -446,7 +455,7 @@ impl AuthConfig {
         }
         for (i, r) in self.routes.iter().enumerate() {
             r.validate()
-                .map_err(|e| prefixed(&format!("route[{i}]"), e))?;
+                .map_err(|e| prefixed(&format!("routes[{i}]"), e))?;
         }
         if let Some(rl) = &self.rate_limit {
             if let Some(r) = &rl.per_identity {
@@ -555,8 +564,8 @@ impl JwtKeyConfig {
                         "`kid` and `alg` belong to a key file; JWKS keys carry their own",
                     ));
                 }
-                if self.refresh < Duration::from_secs(10) {
-                    return Err(Invalid::new("refresh", "must be at least 10s"));
+                if self.refresh < Duration::from_secs(1) {
+                    return Err(Invalid::new("refresh", "must be at least 1s"));
                 }
                 if self.min_refresh < Duration::from_secs(1) || self.min_refresh > self.refresh {
                     return Err(Invalid::new("min_refresh", "must be 1s to `refresh`"));
@@ -566,6 +575,9 @@ impl JwtKeyConfig {
                 }
             }
             (Some(_), None) => {
+                if self.ca_file.is_some() {
+                    return Err(Invalid::new("ca_file", "only used with `jwks_url`"));
+                }
                 if let Some(alg) = self.alg {
                     if alg.family() == AlgorithmFamily::Hmac {
                         return Err(Invalid::new(

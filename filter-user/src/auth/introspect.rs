@@ -52,10 +52,7 @@ impl Introspector {
             }
             (None, None) => String::new(),
         };
-        let client = reqwest::Client::builder()
-            .timeout(cfg.timeout)
-            .build()
-            .map_err(|e| AuthError::Http(e.to_string()))?;
+        let client = super::http_client(cfg.timeout, cfg.ca_file.as_deref())?;
         Ok(Self {
             client,
             endpoint: cfg.endpoint.clone(),
@@ -132,7 +129,11 @@ impl Introspector {
         let mut resp = self
             .client
             .post(&self.endpoint)
-            .basic_auth(&self.client_id, Some(&self.client_secret))
+            // RFC 6749 §2.3.1: both halves are form-encoded before they go into basic auth.
+            .basic_auth(
+                form_encode(&self.client_id),
+                Some(form_encode(&self.client_secret)),
+            )
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
@@ -155,6 +156,12 @@ impl Introspector {
         serde_json::from_slice(&body).map_err(|e| format!("response is not JSON: {e}"))
     }
 
+    /// Answers held.
+    #[cfg(test)]
+    pub(super) fn cached(&self) -> usize {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// Drop answers that have run out.
     pub(super) fn purge(&self, now: Instant) {
         self.cache
@@ -162,6 +169,10 @@ impl Introspector {
             .unwrap_or_else(|e| e.into_inner())
             .retain(|_, e| e.until > now);
     }
+}
+
+fn form_encode(s: &str) -> String {
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// An active token's identity and `exp`; `None` for an inactive (or unusable) answer.

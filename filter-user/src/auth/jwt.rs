@@ -92,8 +92,9 @@ struct Jwks {
 
 /// Verifies JWTs for [`super::Auth`].
 pub(super) struct JwtVerifier {
-    algorithms: Vec<Algorithm>,
-    validation: Validation,
+    /// One per allowed algorithm: `jsonwebtoken` wants a validation's algorithms to share the
+    /// key's family, and pinning each check to the header's one algorithm is what we want anyway.
+    validations: Vec<(Algorithm, Validation)>,
     leeway: u64,
     static_keys: Vec<Arc<Key>>,
     jwks: Vec<Arc<Jwks>>,
@@ -171,10 +172,7 @@ impl JwtVerifier {
                     .map_err(|m| key_err(path, m))?;
                 static_keys.extend(keys.into_iter().map(Arc::new));
             } else if let Some(url) = &k.jwks_url {
-                let client = reqwest::Client::builder()
-                    .timeout(k.timeout)
-                    .build()
-                    .map_err(|e| AuthError::Http(e.to_string()))?;
+                let client = super::http_client(k.timeout, k.ca_file.as_deref())?;
                 jwks.push(Arc::new(Jwks {
                     url: url.clone(),
                     client,
@@ -191,7 +189,6 @@ impl JwtVerifier {
             }
         }
         let mut validation = Validation::new(cfg.algorithms[0]);
-        validation.algorithms = cfg.algorithms.clone();
         validation.leeway = cfg.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
@@ -209,11 +206,19 @@ impl JwtVerifier {
             required.push("aud");
         }
         validation.required_spec_claims = required.into_iter().map(String::from).collect();
+        let validations = cfg
+            .algorithms
+            .iter()
+            .map(|&alg| {
+                let mut v = validation.clone();
+                v.algorithms = vec![alg];
+                (alg, v)
+            })
+            .collect();
 
         let path = |s: &str| s.split('.').map(String::from).collect::<Vec<_>>();
         let verifier = Arc::new(Self {
-            algorithms: cfg.algorithms.clone(),
-            validation,
+            validations,
             leeway: cfg.leeway.as_secs(),
             static_keys,
             jwks,
@@ -249,16 +254,19 @@ impl JwtVerifier {
         }
         let header = RawHeader::parse(token)?;
         let alg = Algorithm::from_str(&header.alg).map_err(|_| "jwt_alg")?;
-        if !self.algorithms.contains(&alg) {
+        let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == alg) else {
             return Err("jwt_alg");
-        }
+        };
         let kid = header.kid.as_deref();
+        // Read before the keys, so a rotation in between leaves the cache entry stale, not wrong.
+        let mut generation = self.generation.load(Ordering::Acquire);
         let mut keys = self.candidates(kid, alg, false);
         if keys.is_empty() && kid.is_some() && !self.jwks.is_empty() {
             // A new kid may be a rotation the JWKS already publishes.
             for source in &self.jwks {
                 source.refresh_for_unknown_kid().await;
             }
+            generation = self.generation.load(Ordering::Acquire);
             keys = self.candidates(kid, alg, false);
         }
         if keys.is_empty() {
@@ -271,9 +279,8 @@ impl JwtVerifier {
                 "jwt_no_key"
             });
         }
-        let generation = self.generation.load(Ordering::Acquire);
         for key in keys {
-            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, &self.validation) {
+            match jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation) {
                 Ok(data) => return self.accept(d, &data.claims, generation),
                 Err(e) => match e.kind() {
                     ErrorKind::InvalidSignature

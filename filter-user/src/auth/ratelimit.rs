@@ -100,7 +100,8 @@ impl Limiters {
             .map_err(|not_until| not_until.wait_time_from(lim.clock().now()))
     }
 
-    /// Count one request by identity `id` on `route`.
+    /// Count one request by identity `id` on `route`. The bucket is the id's, whichever
+    /// credential (API key, JWT, introspection) proved it.
     pub fn check_identity(&self, route: Option<usize>, id: &str) -> Result<(), Duration> {
         let Some(lim) = self.id_limiter(route) else {
             return Ok(());
