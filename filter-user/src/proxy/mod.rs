@@ -278,6 +278,23 @@ mod tests {
     }
 
     #[test]
+    fn the_example_is_valid_and_shows_the_defaults() {
+        let text = include_str!("testdata/example.toml");
+        let c = Config::parse("example.toml", text).unwrap();
+        let p = &c.proxies[0];
+        assert_eq!(p.tls.certs.len(), 2);
+        assert!(p.csrf.is_some() && p.auth.is_some() && p.detect.is_some());
+        // Every value the example spells out is the default.
+        let d = parse("").unwrap().proxies.remove(0);
+        assert_eq!(p.limits, d.limits);
+        assert_eq!(p.violations, d.violations);
+        assert_eq!(p.upstream, d.upstream);
+        assert_eq!(p.upstream_timeout, d.upstream_timeout);
+        assert_eq!(p.detect_threshold, d.detect_threshold);
+        assert_eq!(p.tls.reload_interval, d.tls.reload_interval);
+    }
+
+    #[test]
     fn minimal_proxy_has_defaults() {
         let c = parse("").unwrap();
         let p = &c.proxies[0];
