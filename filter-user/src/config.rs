@@ -397,9 +397,16 @@ impl Config {
         if let Some(c) = &self.crowdsec {
             c.validate().map_err(|e| prefix_field("crowdsec", e))?;
         }
+        let mut listens = std::collections::HashSet::new();
         for (i, p) in self.proxies.iter().enumerate() {
             p.validate()
                 .map_err(|e| prefix_field(&format!("proxy[{i}]"), e))?;
+            if !listens.insert(p.listen) {
+                return Err(Invalid::new(
+                    format!("proxy[{i}].listen"),
+                    format!("{} is used by another proxy", p.listen),
+                ));
+            }
         }
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! - `feedserver`: a blocklist feed server (HTTP and HTTPS) on loopback that a test drives.
 //! - `crowdsec`: a real CrowdSec Local API on loopback, and the bouncer run in-process.
 //! - `daemon`: a running `apifilter run`, signalled and killed on drop.
+//! - `proxy`: certificates, an upstream, the proxy in-process, and TLS clients for the proxy tests.
 
 pub mod crowdsec;
 pub mod daemon;
@@ -14,6 +15,7 @@ pub mod feedserver;
 pub mod model;
 pub mod netns;
 pub mod packet;
+pub mod proxy;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,650 @@
+//! Forwarding: the pooled upstream client (HTTP/1.1 or h2c), the request headers added on the
+//! way (`X-Forwarded-For` honouring trusted proxies, `X-Forwarded-Proto`, `X-Request-Id`), the
+//! response headers added (security headers) and removed (`Server`, versions), and the CSRF guard.
+
+use std::{
+    hash::{BuildHasher as _, Hasher as _},
+    net::IpAddr,
+    pin::Pin,
+    sync::atomic::{AtomicU64, Ordering},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
+    header, uri::Authority,
+};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::{
+    client::legacy::{Client, connect::HttpConnector},
+    rt::{TokioExecutor, TokioTimer},
+};
+use serde::Deserialize;
+
+use super::{ALWAYS_STRIPPED, DEFAULT_RESPONSE_HEADERS, Fault, ProxyConfig, limits};
+use crate::{cidr::Prefix, config::Invalid};
+
+/// Check an upstream URL: `http://HOST:PORT` with nothing after the authority.
+pub fn parse_upstream(s: &str) -> Result<Authority, String> {
+    let uri: Uri = s.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!(
+            "{s:?}: only http:// upstreams (TLS ends at the proxy)"
+        ));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Err(format!("{s:?}: no path or query allowed"));
+    }
+    uri.authority()
+        .cloned()
+        .ok_or_else(|| format!("{s:?} has no host"))
+}
+
+/// A request body on its way upstream: buffered (it was inspected) or streamed with limits.
+pub enum ReqBody {
+    /// Nothing.
+    Empty,
+    /// Buffered.
+    Full(Option<Bytes>),
+    /// Streamed from the client.
+    Stream(limits::LimitedBody),
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = limits::BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            ReqBody::Stream(s) => Pin::new(s).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Full(b) => b.is_none(),
+            ReqBody::Stream(s) => s.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            ReqBody::Stream(s) => s.size_hint(),
+        }
+    }
+}
+
+/// A response body: the upstream's, streamed, or one of the proxy's own.
+pub enum RespBody {
+    /// From the upstream.
+    Upstream(Incoming),
+    /// The proxy's own.
+    Local(Option<Bytes>),
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            RespBody::Local(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Upstream(b) => b.is_end_stream(),
+            RespBody::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Upstream(b) => b.size_hint(),
+            RespBody::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// A short response of the proxy's own; the body says nothing about why beyond the status.
+pub fn local(status: StatusCode) -> Response<RespBody> {
+    let text = status.canonical_reason().unwrap_or("error");
+    let body = Bytes::from(format!(
+        "{} {}\n",
+        status.as_u16(),
+        text.to_ascii_lowercase()
+    ));
+    let mut r = Response::new(RespBody::Local(Some(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Why forwarding failed.
+#[derive(Debug)]
+pub struct ForwardError {
+    /// Whose fault.
+    pub fault: Fault,
+    /// What the client gets.
+    pub status: StatusCode,
+    /// A protocol limit that stopped the request body, if that was it.
+    pub limit: Option<limits::Limit>,
+    /// For the log only.
+    pub detail: String,
+}
+
+/// The pooled upstream client of one listener.
+pub struct Upstream {
+    client: Client<HttpConnector, ReqBody>,
+    authority: Authority,
+    h2c: bool,
+    timeout: Duration,
+}
+
+impl Upstream {
+    /// A client for `cfg.upstream`.
+    pub fn new(cfg: &ProxyConfig) -> Result<Self, String> {
+        let authority = parse_upstream(&cfg.upstream)?;
+        let mut conn = HttpConnector::new();
+        conn.set_connect_timeout(Some(cfg.upstream_connect_timeout));
+        conn.set_nodelay(true);
+        conn.set_keepalive(Some(Duration::from_secs(60)));
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(cfg.upstream_pool_max_idle);
+        if cfg.upstream_h2c {
+            b.http2_only(true);
+        }
+        Ok(Self {
+            client: b.build(conn),
+            authority,
+            h2c: cfg.upstream_h2c,
+            timeout: cfg.upstream_timeout,
+        })
+    }
+
+    /// Send `req` (already rewritten by [`prepare`]) and wait for the response head.
+    pub async fn send(
+        &self,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        *req.uri_mut() = Uri::builder()
+            .scheme("http")
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| ForwardError {
+                fault: Fault::Internal,
+                status: StatusCode::BAD_GATEWAY,
+                limit: None,
+                detail: e.to_string(),
+            })?;
+        *req.version_mut() = if self.h2c {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        if self.h2c {
+            req.headers_mut().remove(header::HOST);
+        }
+        let tripped = match req.body() {
+            ReqBody::Stream(s) => Some(s.tripped.clone()),
+            _ => None,
+        };
+        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Err(_) => Err(ForwardError {
+                fault: Fault::Upstream,
+                status: StatusCode::GATEWAY_TIMEOUT,
+                limit: None,
+                detail: format!("no response within {:?}", self.timeout),
+            }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => {
+                if let Some(limit) = tripped.and_then(|t| t.get().copied()) {
+                    return Err(ForwardError {
+                        fault: Fault::Client,
+                        status: limit.status(),
+                        limit: Some(limit),
+                        detail: limit.as_str().to_owned(),
+                    });
+                }
+                let detail = error_chain(&e);
+                Err(ForwardError {
+                    fault: Fault::Upstream,
+                    status: StatusCode::BAD_GATEWAY,
+                    limit: None,
+                    detail,
+                })
+            }
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Headers that belong to one hop only.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in HOP_BY_HOP.iter().chain(listed.iter()) {
+        h.remove(n);
+    }
+}
+
+/// The client's IP: the peer, or when the peer is a trusted proxy, the right-most address in
+/// `X-Forwarded-For` that is not a trusted proxy.
+pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Prefix]) -> IpAddr {
+    let is_trusted = |ip: IpAddr| trusted.iter().any(|p| p.contains(&Prefix::host(ip)));
+    if trusted.is_empty() || !is_trusted(peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let hops = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) => {
+                client = ip.to_canonical();
+                if !is_trusted(client) {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    client
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Rewrite a client request for the upstream: hop-by-hop headers out, `Host` kept (from
+/// `:authority` for HTTP/2 clients), `X-Forwarded-For` (the incoming chain only from a trusted
+/// peer), `X-Forwarded-Proto: https`, `X-Request-Id`.
+pub fn prepare(
+    parts: &mut http::request::Parts,
+    peer: IpAddr,
+    peer_trusted: bool,
+    request_id: &str,
+) {
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    if !h.contains_key(header::HOST)
+        && let Some(a) = parts.uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        h.insert(header::HOST, v);
+    }
+    let prior = if peer_trusted {
+        let chain: Vec<&str> = h
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        (!chain.is_empty()).then(|| chain.join(", "))
+    } else {
+        None
+    };
+    let xff = match prior {
+        Some(p) => format!("{p}, {peer}"),
+        None => peer.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(X_FORWARDED_FOR.clone(), v);
+    }
+    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        h.insert(X_REQUEST_ID.clone(), v);
+    }
+}
+
+/// What every response gets: security headers added, software headers removed.
+#[derive(Debug, Clone)]
+pub struct ResponsePolicy {
+    add: Vec<(HeaderName, HeaderValue)>,
+    strip: Vec<HeaderName>,
+}
+
+impl ResponsePolicy {
+    /// From a proxy's config (validated).
+    pub fn new(cfg: &ProxyConfig) -> Self {
+        let mut add: Vec<(HeaderName, HeaderValue)> = Vec::new();
+        for (n, v) in DEFAULT_RESPONSE_HEADERS {
+            if !cfg
+                .response_headers
+                .keys()
+                .any(|k| k.eq_ignore_ascii_case(n))
+            {
+                add.push((HeaderName::from_static(n), HeaderValue::from_static(v)));
+            }
+        }
+        for (n, v) in &cfg.response_headers {
+            if v.is_empty() {
+                continue;
+            }
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(n.as_bytes()),
+                HeaderValue::from_str(v),
+            ) {
+                add.push((n, v));
+            }
+        }
+        let mut strip: Vec<HeaderName> = ALWAYS_STRIPPED
+            .iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect();
+        strip.extend(
+            cfg.strip_response_headers
+                .iter()
+                .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()),
+        );
+        Self { add, strip }
+    }
+
+    /// Apply to a response's headers (from the upstream or the proxy's own).
+    pub fn apply(&self, h: &mut HeaderMap, from_upstream: bool) {
+        if from_upstream {
+            strip_hop_by_hop(h);
+        }
+        for n in &self.strip {
+            h.remove(n);
+        }
+        for (n, v) in &self.add {
+            if !h.contains_key(n) {
+                h.insert(n.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// `[proxy.csrf]`: on state-changing methods of requests that carry cookies, `Origin` (or, when
+/// absent, `Referer`) must be one of the allowed origins.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CsrfConfig {
+    /// Origins allowed, e.g. `https://app.example.com` (scheme, host and port only).
+    pub allowed_origins: Vec<String>,
+    /// Path prefixes the guard covers; empty = every path.
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+impl CsrfConfig {
+    /// Field-level checks.
+    pub fn validate(&self) -> Result<(), Invalid> {
+        if self.allowed_origins.is_empty() {
+            return Err(Invalid::new("allowed_origins", "list at least one origin"));
+        }
+        for (i, o) in self.allowed_origins.iter().enumerate() {
+            if origin_of(o).as_deref() != Some(o.to_ascii_lowercase().as_str()) {
+                return Err(Invalid::new(
+                    format!("allowed_origins[{i}]"),
+                    format!("{o:?} is not an origin like https://app.example.com"),
+                ));
+            }
+        }
+        for (i, p) in self.paths.iter().enumerate() {
+            if !p.starts_with('/') {
+                return Err(Invalid::new(format!("paths[{i}]"), "must start with /"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `scheme://host[:port]` of a URL, lowercased.
+fn origin_of(url: &str) -> Option<String> {
+    let uri: Uri = url.parse().ok()?;
+    let scheme = uri.scheme_str()?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let auth = uri.authority()?;
+    if auth.as_str().contains('@') {
+        return None;
+    }
+    Some(format!("{scheme}://{}", auth.as_str()).to_ascii_lowercase())
+}
+
+/// Why the CSRF guard refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CsrfRefusal {
+    /// Neither `Origin` nor `Referer`.
+    Missing,
+    /// An origin not in the list.
+    Foreign,
+}
+
+impl CsrfRefusal {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CsrfRefusal::Missing => "origin_missing",
+            CsrfRefusal::Foreign => "origin_foreign",
+        }
+    }
+}
+
+/// Check a request against the guard.
+pub fn csrf_check(
+    cfg: &CsrfConfig,
+    method: &Method,
+    path: &str,
+    h: &HeaderMap,
+) -> Result<(), CsrfRefusal> {
+    if matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    ) || !h.contains_key(header::COOKIE)
+        || !(cfg.paths.is_empty() || cfg.paths.iter().any(|p| path.starts_with(p.as_str())))
+    {
+        return Ok(());
+    }
+    let origin = match h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        Some("null") => return Err(CsrfRefusal::Foreign),
+        Some(o) => origin_of(o),
+        None => match h.get(header::REFERER).and_then(|v| v.to_str().ok()) {
+            Some(r) => origin_of(r),
+            None => return Err(CsrfRefusal::Missing),
+        },
+    };
+    match origin {
+        Some(o)
+            if cfg
+                .allowed_origins
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(&o)) =>
+        {
+            Ok(())
+        }
+        _ => Err(CsrfRefusal::Foreign),
+    }
+}
+
+/// A request id: 16 hex digits, unique within the process and not guessable from the outside.
+pub fn request_id() -> String {
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.finish()
+    });
+    // splitmix64: a bijection, so distinct counters give distinct ids.
+    let mut z = seed.wrapping_add(
+        NEXT.fetch_add(1, Ordering::Relaxed)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    );
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    format!("{:016x}", z ^ (z >> 31))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn client_ip_honours_only_trusted_proxies() {
+        let trusted: Vec<Prefix> = vec!["198.18.9.0/24".parse().unwrap()];
+        let peer: IpAddr = "198.18.9.1".parse().unwrap();
+        let h = headers(&[("x-forwarded-for", "203.0.113.9, 198.18.1.5, 198.18.9.7")]);
+        assert_eq!(
+            client_ip(peer, &h, &trusted),
+            "198.18.1.5".parse::<IpAddr>().unwrap()
+        );
+        let stranger: IpAddr = "198.18.1.1".parse().unwrap();
+        assert_eq!(client_ip(stranger, &h, &trusted), stranger);
+        assert_eq!(client_ip(peer, &h, &[]), peer);
+        let junk = headers(&[("x-forwarded-for", "nonsense")]);
+        assert_eq!(client_ip(peer, &junk, &trusted), peer);
+    }
+
+    #[test]
+    fn prepare_sets_forwarding_headers() {
+        let (mut parts, ()) = Request::builder()
+            .uri("https://api.example.com/x")
+            .header("x-forwarded-for", "1.2.3.4")
+            .header("connection", "close, x-secret")
+            .header("x-secret", "s")
+            .header("x-forwarded-proto", "http")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut untrusted = parts.clone();
+        prepare(&mut parts, "198.18.9.1".parse().unwrap(), true, "abc");
+        assert_eq!(parts.headers["x-forwarded-for"], "1.2.3.4, 198.18.9.1");
+        assert_eq!(parts.headers["x-forwarded-proto"], "https");
+        assert_eq!(parts.headers["x-request-id"], "abc");
+        assert_eq!(parts.headers["host"], "api.example.com");
+        assert!(
+            !parts.headers.contains_key("x-secret") && !parts.headers.contains_key("connection")
+        );
+        prepare(&mut untrusted, "198.18.1.1".parse().unwrap(), false, "abc");
+        assert_eq!(untrusted.headers["x-forwarded-for"], "198.18.1.1");
+    }
+
+    #[test]
+    fn csrf_guard() {
+        let cfg = CsrfConfig {
+            allowed_origins: vec!["https://app.example.com".into()],
+            paths: vec![],
+        };
+        assert!(cfg.validate().is_ok());
+        let post = Method::POST;
+        let ok = headers(&[("cookie", "s=1"), ("origin", "https://app.example.com")]);
+        assert_eq!(csrf_check(&cfg, &post, "/", &ok), Ok(()));
+        let foreign = headers(&[("cookie", "s=1"), ("origin", "https://evil.example")]);
+        assert_eq!(
+            csrf_check(&cfg, &post, "/", &foreign),
+            Err(CsrfRefusal::Foreign)
+        );
+        let referer = headers(&[
+            ("cookie", "s=1"),
+            ("referer", "https://app.example.com/page?x"),
+        ]);
+        assert_eq!(csrf_check(&cfg, &post, "/", &referer), Ok(()));
+        let none = headers(&[("cookie", "s=1")]);
+        assert_eq!(
+            csrf_check(&cfg, &post, "/", &none),
+            Err(CsrfRefusal::Missing)
+        );
+        assert_eq!(csrf_check(&cfg, &Method::GET, "/", &none), Ok(()));
+        let no_cookie = headers(&[("origin", "https://evil.example")]);
+        assert_eq!(csrf_check(&cfg, &post, "/", &no_cookie), Ok(()));
+        let bad = CsrfConfig {
+            allowed_origins: vec!["https://app.example.com/path".into()],
+            paths: vec![],
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn request_ids_differ() {
+        let a = request_id();
+        let b = request_id();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn upstream_urls() {
+        assert!(parse_upstream("http://127.0.0.1:8080").is_ok());
+        assert!(parse_upstream("http://127.0.0.1:8080/").is_ok());
+        assert!(parse_upstream("https://127.0.0.1").is_err());
+        assert!(parse_upstream("http://127.0.0.1/api").is_err());
+    }
+}

@@ -1,0 +1,885 @@
+//! Listeners, connections and the request pipeline.
+//!
+//! [`supervise`] keeps one listener per `[[proxy]]` address and follows config reloads. A
+//! listener accepts, applies the connection caps, runs the TLS handshake under its timeout, and
+//! serves HTTP/1.1 and HTTP/2 (hyper's auto builder) with the protocol limits; an idle watchdog
+//! closes quiet connections. Each request then goes through [`handle`]: limits → authentication
+//! → authorization → L7 rate limits → CSRF → attack detection → forward.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::{body::Incoming, service::service_fn};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::conn::auto,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Fault, ProxyConfig,
+    accesslog::{self, AccessLog},
+    forward::{self, ReqBody, RespBody, ResponsePolicy, Upstream},
+    limits::{self, ConnSlot, ConnTracker, Limit, LimitedBody},
+    metrics::{Metrics, RequestLabels, ResultLabels, RouteLabels},
+    pipeline::{self, Checks},
+    tls::TlsState,
+    violations::{self, BanSender, Kind, Tracker},
+};
+use crate::{config::Config, control::Control, daemon::Shared};
+
+/// How often the p99 window is published.
+const P99_WINDOW: Duration = Duration::from_secs(10);
+/// How long connections of a stopped listener get to finish on shutdown.
+const DRAIN: Duration = Duration::from_secs(10);
+/// How long an idle connection gets to close cleanly once told to.
+const IDLE_GRACE: Duration = Duration::from_millis(500);
+
+/// What every listener shares.
+pub(crate) struct Common {
+    pub(crate) metrics: Arc<Metrics>,
+    tracker: Arc<Tracker>,
+    bans: BanSender,
+    shutdown: CancellationToken,
+}
+
+/// A listener's settings at one moment; swapped whole on reload.
+pub(crate) struct Site {
+    name: String,
+    cfg: ProxyConfig,
+    tls: Arc<rustls::ServerConfig>,
+    http: auto::Builder<TokioExecutor>,
+    upstream: Upstream,
+    response: ResponsePolicy,
+    access: AccessLog,
+    checks: Checks,
+}
+
+struct Listener {
+    cfg: ProxyConfig,
+    tls: Arc<TlsState>,
+    site: Arc<ArcSwap<Site>>,
+    stop: CancellationToken,
+}
+
+/// Serve every `[[proxy]]` until `shutdown`, following config changes.
+pub(crate) async fn supervise(
+    mut config: watch::Receiver<Arc<Config>>,
+    ctl: Arc<Control>,
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let (ban_tx, ban_rx) = mpsc::channel(violations::BAN_QUEUE);
+    let mut tasks = JoinSet::new();
+    tasks.spawn(violations::ban_task(
+        ban_rx,
+        ctl,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(publish_p99(metrics.clone(), shared, shutdown.clone()));
+    let common = Arc::new(Common {
+        metrics,
+        tracker: Arc::new(Tracker::default()),
+        bans: ban_tx,
+        shutdown: shutdown.clone(),
+    });
+    let mut listeners: HashMap<SocketAddr, Listener> = HashMap::new();
+    let mut first = true;
+    loop {
+        let cfg = config.borrow_and_update().clone();
+        let result = reconcile(&cfg, &mut listeners, &common, &mut tasks).await;
+        if first {
+            result?;
+            first = false;
+        } else if let Err(err) = result {
+            tracing::error!(%err, "proxy reload incomplete; the rest of the new config is in force");
+        }
+        tokio::select! {
+            changed = config.changed() => if changed.is_err() { shutdown.cancelled().await; break },
+            () = shutdown.cancelled() => break,
+        }
+    }
+    for l in listeners.values() {
+        l.stop.cancel();
+    }
+    let _ = tokio::time::timeout(DRAIN, async { while tasks.join_next().await.is_some() {} }).await;
+    tasks.abort_all();
+    Ok(())
+}
+
+/// Bring the listeners in line with `cfg`. Every proxy is tried; the first error is returned.
+async fn reconcile(
+    cfg: &Config,
+    listeners: &mut HashMap<SocketAddr, Listener>,
+    common: &Arc<Common>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<()> {
+    let mut first_err: Option<anyhow::Error> = None;
+    let wanted: HashMap<SocketAddr, &ProxyConfig> =
+        cfg.proxies.iter().map(|p| (p.listen, p)).collect();
+    // Gone: stop accepting; open connections finish their requests and close.
+    listeners.retain(|addr, l| {
+        let keep = wanted.contains_key(addr);
+        if !keep {
+            tracing::info!(listen = %addr, "proxy listener removed");
+            l.stop.cancel();
+        }
+        keep
+    });
+    for (addr, pcfg) in wanted {
+        if let Some(l) = listeners.get_mut(&addr) {
+            // Same address: reread certificates (SIGHUP), and swap settings if they changed.
+            if let Err(err) = l.tls.resolver.reload(&pcfg.tls.certs) {
+                tracing::error!(listen = %addr, %err, "certificates not reloaded; the old ones stay");
+            }
+            if l.cfg != *pcfg {
+                match build_site(pcfg, &l.tls, common).await {
+                    Ok(site) => {
+                        l.site.store(Arc::new(site));
+                        l.cfg = pcfg.clone();
+                        tracing::info!(listen = %addr, "proxy listener reconfigured");
+                    }
+                    Err(err) => {
+                        tracing::error!(listen = %addr, %err, "proxy listener keeps its old settings");
+                        first_err.get_or_insert(err);
+                    }
+                }
+            }
+            continue;
+        }
+        match start_listener(pcfg, common, tasks).await {
+            Ok(l) => {
+                listeners.insert(addr, l);
+            }
+            Err(err) => {
+                tracing::error!(listen = %addr, err = %format!("{err:#}"), "proxy listener not started");
+                first_err.get_or_insert(err);
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+async fn build_site(cfg: &ProxyConfig, tls: &TlsState, common: &Common) -> anyhow::Result<Site> {
+    let server_config = tls.server_config(&cfg.tls)?;
+    let upstream = Upstream::new(cfg).map_err(anyhow::Error::msg)?;
+    let access = AccessLog::open(
+        &cfg.access_log_target(),
+        common.metrics.clone(),
+        common.shutdown.clone(),
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("access_log {}: {e}", cfg.access_log))?;
+    let checks = pipeline::Checks::new(cfg, common.shutdown.clone()).await?;
+    let l = &cfg.limits;
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(l.header_timeout)
+        .max_buf_size(l.h1_buf_size())
+        .max_headers(l.max_headers.saturating_mul(2).max(100))
+        .keep_alive(true)
+        .half_close(false);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(l.h2_max_concurrent_streams)
+        .max_pending_accept_reset_streams(l.h2_max_pending_accept_reset_streams)
+        .max_local_error_reset_streams(l.h2_max_local_error_reset_streams)
+        .max_header_list_size(u32::try_from(l.h1_buf_size()).unwrap_or(u32::MAX))
+        .keep_alive_interval(None);
+    Ok(Site {
+        name: cfg.listen.to_string(),
+        cfg: cfg.clone(),
+        tls: server_config,
+        http,
+        upstream,
+        response: ResponsePolicy::new(cfg),
+        access,
+        checks,
+    })
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let sock = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    sock.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(false).ok();
+    }
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(4096)?;
+    TcpListener::from_std(sock.into())
+}
+
+async fn start_listener(
+    cfg: &ProxyConfig,
+    common: &Arc<Common>,
+    tasks: &mut JoinSet<()>,
+) -> anyhow::Result<Listener> {
+    let tls = Arc::new(TlsState::new(&cfg.tls)?);
+    let site = Arc::new(ArcSwap::from_pointee(build_site(cfg, &tls, common).await?));
+    let listener = bind(cfg.listen).map_err(|e| anyhow::anyhow!("listen {}: {e}", cfg.listen))?;
+    let stop = common.shutdown.child_token();
+    tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, "proxy listening");
+    tasks.spawn(accept_loop(
+        listener,
+        site.clone(),
+        common.clone(),
+        stop.clone(),
+    ));
+    tasks.spawn(watch_certs(site.clone(), tls.clone(), stop.clone()));
+    Ok(Listener {
+        cfg: cfg.clone(),
+        tls,
+        site,
+        stop,
+    })
+}
+
+/// Poll the certificate files and reload them when one changed.
+async fn watch_certs(site: Arc<ArcSwap<Site>>, tls: Arc<TlsState>, stop: CancellationToken) {
+    loop {
+        let every = site.load().cfg.tls.reload_interval;
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        let certs = site.load().cfg.tls.certs.clone();
+        if tls.resolver.changed_on_disk(&certs) {
+            match tls.resolver.reload(&certs) {
+                Ok(()) => tracing::info!(listen = %site.load().name, "certificates reloaded"),
+                Err(err) => {
+                    tracing::warn!(listen = %site.load().name, %err, "changed certificates not loaded; the old ones stay")
+                }
+            }
+        }
+    }
+}
+
+async fn publish_p99(metrics: Arc<Metrics>, shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(P99_WINDOW);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        shared
+            .proxy_p99_us
+            .store(metrics.window.take_p99(), Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    site: Arc<ArcSwap<Site>>,
+    common: Arc<Common>,
+    stop: CancellationToken,
+) {
+    let conns = Arc::new(ConnTracker::default());
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = stop.cancelled() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(err) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                tracing::warn!(%err, fault = "internal", "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let site = site.load_full();
+        let ip = peer.ip().to_canonical();
+        let now = Instant::now();
+        if common.tracker.is_banned(ip, now) {
+            common.metrics.reject("banned", "connection");
+            continue;
+        }
+        let l = &site.cfg.limits;
+        let slot = match conns.admit(ip, l.max_connections, l.max_connections_per_ip) {
+            Ok(s) => s,
+            Err(limit) => {
+                common.metrics.reject("limit", limit.as_str());
+                violation(&common, &site, ip, Kind::Limit, now);
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        connections.spawn(connection(
+            tcp,
+            SocketAddr::new(ip, peer.port()),
+            site,
+            slot,
+            common.clone(),
+            stop.clone(),
+        ));
+    }
+    drop(listener);
+    // Connections finish on their own (graceful shutdown was signalled through `stop`).
+    while connections.join_next().await.is_some() {}
+}
+
+/// Add a violation; order a ban when it crosses the threshold. Returns whether it did.
+fn violation(common: &Common, site: &Site, ip: IpAddr, kind: Kind, at: Instant) -> bool {
+    if violations::exempt(ip, &site.cfg.trusted_proxies) {
+        return false;
+    }
+    match common.tracker.record(&site.cfg.violations, ip, kind, at) {
+        Some(order) => {
+            if common.bans.try_send(order).is_err() {
+                common.metrics.bans_dropped.inc();
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+/// Per-connection state shared with its requests.
+struct Conn {
+    peer: SocketAddr,
+    site: Arc<Site>,
+    common: Arc<Common>,
+    client_cert: bool,
+    inflight: AtomicUsize,
+    activity: Arc<Activity>,
+    h1_requests: AtomicU64,
+}
+
+/// Last time bytes were read, in ms since `epoch`, and what the framing scanner found.
+struct Activity {
+    epoch: Instant,
+    last_ms: AtomicU64,
+    /// Index of the first HTTP/1.1 request whose head had both `Content-Length` and
+    /// `Transfer-Encoding` (`u64::MAX`: none).
+    framing_conflict: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn idle_for(&self) -> Duration {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// An IO that notes when bytes were last read and, on HTTP/1.1 connections, follows the
+/// request framing (see [`limits::FramingScanner`]).
+struct Watched<T> {
+    inner: T,
+    activity: Arc<Activity>,
+    scanner: Option<limits::FramingScanner>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+            let this = &mut *self;
+            if let Some(scanner) = &mut this.scanner {
+                scanner.feed(&buf.filled()[before..]);
+                if let Some(i) = scanner.conflict {
+                    this.activity.framing_conflict.store(i, Ordering::Relaxed);
+                    this.scanner = None;
+                }
+            }
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    site: Arc<Site>,
+    slot: ConnSlot,
+    common: Arc<Common>,
+    stop: CancellationToken,
+) {
+    let _slot = slot;
+    let m = &common.metrics;
+    m.connections.inc();
+    let _gauge = scopeguard(|| {
+        common.metrics.connections.dec();
+    });
+    let limits = &site.cfg.limits;
+    let acceptor = TlsAcceptor::from(site.tls.clone());
+    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => {
+            m.handshakes
+                .get_or_create(&ResultLabels { result: "ok" })
+                .inc();
+            s
+        }
+        Ok(Err(_)) => {
+            m.handshakes
+                .get_or_create(&ResultLabels { result: "failed" })
+                .inc();
+            m.reject("tls", "handshake_failed");
+            violation(&common, &site, peer.ip(), Kind::Tls, Instant::now());
+            return;
+        }
+        Err(_) => {
+            m.handshakes
+                .get_or_create(&ResultLabels { result: "timeout" })
+                .inc();
+            m.reject("limit", Limit::HandshakeTimeout.as_str());
+            violation(&common, &site, peer.ip(), Kind::Limit, Instant::now());
+            return;
+        }
+    };
+    let client_cert = tls.get_ref().1.peer_certificates().is_some();
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let activity = Arc::new(Activity {
+        epoch: Instant::now(),
+        last_ms: AtomicU64::new(0),
+        framing_conflict: AtomicU64::new(u64::MAX),
+    });
+    let conn = Arc::new(Conn {
+        peer,
+        site: site.clone(),
+        common: common.clone(),
+        client_cert,
+        inflight: AtomicUsize::new(0),
+        activity: activity.clone(),
+        h1_requests: AtomicU64::new(0),
+    });
+    let io = TokioIo::new(Watched {
+        inner: tls,
+        activity: activity.clone(),
+        scanner: (!h2).then(|| limits::FramingScanner::new(limits.h1_buf_size())),
+    });
+    let watched = conn.clone();
+    let svc = service_fn(move |req| handle(req, conn.clone()));
+    let served = site.http.serve_connection(io, svc);
+    tokio::pin!(served);
+    let idle = limits.idle_timeout;
+    // Set once a graceful shutdown started: past it, the connection is dropped (a client that
+    // never acknowledges an HTTP/2 GOAWAY cannot hold it open).
+    let mut close_by: Option<Instant> = None;
+    let tick = (idle / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+    let mut watchdog = tokio::time::interval(tick);
+    loop {
+        tokio::select! {
+            res = served.as_mut() => {
+                if let Err(err) = res {
+                    connection_error(&common, &site, peer.ip(), err.as_ref());
+                }
+                break;
+            }
+            () = stop.cancelled(), if close_by.is_none() => {
+                close_by = Some(Instant::now() + DRAIN);
+                served.as_mut().graceful_shutdown();
+            }
+            _ = watchdog.tick() => {
+                if let Some(deadline) = close_by {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    continue;
+                }
+                let busy = watched.inflight.load(Ordering::Relaxed) > 0;
+                if !busy && activity.idle_for() >= idle {
+                    close_by = Some(Instant::now() + IDLE_GRACE);
+                    m.reject("limit", Limit::IdleTimeout.as_str());
+                    served.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// Count a connection-level failure against the right limit.
+fn connection_error(
+    common: &Common,
+    site: &Site,
+    ip: IpAddr,
+    err: &(dyn std::error::Error + Send + Sync + 'static),
+) {
+    let limit = if let Some(h) = err.downcast_ref::<hyper::Error>() {
+        if h.is_timeout() {
+            Some(Limit::HeaderTimeout)
+        } else if h.is_parse_too_large() {
+            Some(Limit::HeaderBytes)
+        } else if h.is_parse() {
+            Some(Limit::Malformed)
+        } else {
+            h2_limit(h)
+        }
+    } else {
+        None
+    };
+    if let Some(limit) = limit {
+        common.metrics.reject("limit", limit.as_str());
+        violation(common, site, ip, Kind::Limit, Instant::now());
+    }
+}
+
+fn h2_limit(err: &hyper::Error) -> Option<Limit> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>()
+            && h2.is_go_away()
+            && h2.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM)
+        {
+            return Some(Limit::H2Streams);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+struct Guard<F: FnMut()>(F);
+impl<F: FnMut()> Drop for Guard<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+fn scopeguard<F: FnMut()>(f: F) -> Guard<F> {
+    Guard(f)
+}
+
+/// What one request did, for the metrics and the access log.
+#[derive(Default)]
+pub(crate) struct Trace {
+    /// Checks that fired.
+    pub checks: Vec<String>,
+    /// The authenticated identity.
+    pub identity: Option<String>,
+    /// The route name.
+    pub route: Option<String>,
+    /// Whose fault a failure was.
+    pub fault: Option<Fault>,
+    /// Attack-detection score.
+    pub detect_score: u32,
+    /// Time waiting for the upstream.
+    pub upstream: Duration,
+    /// The request crossed the ban threshold.
+    pub banned: bool,
+}
+
+async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<RespBody>, Infallible> {
+    let start = Instant::now();
+    let wall = SystemTime::now();
+    conn.inflight.fetch_add(1, Ordering::Relaxed);
+    let _done = scopeguard(|| {
+        conn.inflight.fetch_sub(1, Ordering::Relaxed);
+    });
+    let site = &conn.site;
+    let rid = forward::request_id();
+    let client = forward::client_ip(conn.peer.ip(), req.headers(), &site.cfg.trusted_proxies);
+    let method = req.method().clone();
+    let proto = match req.version() {
+        http::Version::HTTP_2 => "HTTP/2.0",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    let path = req.uri().path().to_owned();
+    let mut trace = Trace::default();
+
+    let mut resp = pipeline_steps(req, &conn, client, &rid, &mut trace, start).await;
+
+    let from_upstream = matches!(resp.body(), RespBody::Upstream(_));
+    site.response.apply(resp.headers_mut(), from_upstream);
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert(forward::X_REQUEST_ID.clone(), v);
+    }
+    let status = resp.status();
+    if from_upstream && status == StatusCode::NOT_FOUND {
+        trace.checks.push("scan:not_found".to_owned());
+        trace.banned |= violation(&conn.common, site, client, Kind::NotFound, start);
+    }
+    if trace.banned && proto != "HTTP/2.0" {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    let latency = start.elapsed();
+    let m = &conn.common.metrics;
+    let route = trace.route.clone().unwrap_or_else(|| "-".to_owned());
+    m.requests
+        .get_or_create(&RequestLabels {
+            listener: site.name.clone(),
+            route: route.clone(),
+            status: status.as_u16(),
+        })
+        .inc();
+    m.request_duration
+        .get_or_create(&RouteLabels {
+            listener: site.name.clone(),
+            route,
+        })
+        .observe(latency.as_secs_f64());
+    m.window.record(latency.as_micros() as u64);
+    site.access.write(&accesslog::Entry {
+        ts: accesslog::timestamp(wall),
+        request_id: &rid,
+        client: client.to_string(),
+        peer: conn.peer.ip().to_string(),
+        proto,
+        method: method.as_str(),
+        host: &host,
+        path: &path,
+        identity: trace.identity.as_deref(),
+        route: trace.route.as_deref(),
+        status: status.as_u16(),
+        latency_us: latency.as_micros() as u64,
+        upstream_us: trace.upstream.as_micros() as u64,
+        checks: &trace.checks,
+        detect_score: trace.detect_score,
+        fault: trace.fault.map(Fault::as_str),
+        client_cert: conn.client_cert,
+    });
+    Ok(resp)
+}
+
+/// A refusal: counted, traced, scored, answered with a bare status.
+pub(crate) fn refuse(
+    conn: &ConnRef<'_>,
+    trace: &mut Trace,
+    check: &'static str,
+    reason: &'static str,
+    status: StatusCode,
+    kind: Option<Kind>,
+) -> Response<RespBody> {
+    conn.common.metrics.reject(check, reason);
+    trace.checks.push(format!("{check}:{reason}"));
+    trace.fault.get_or_insert(Fault::Client);
+    if let Some(kind) = kind {
+        trace.banned |= violation(conn.common, conn.site, conn.client, kind, conn.start);
+    }
+    forward::local(status)
+}
+
+/// What a pipeline step needs of its connection.
+pub(crate) struct ConnRef<'a> {
+    pub(crate) common: &'a Common,
+    pub(crate) site: &'a Site,
+    pub(crate) client: IpAddr,
+    pub(crate) start: Instant,
+}
+
+async fn pipeline_steps(
+    req: Request<Incoming>,
+    conn: &Conn,
+    client: IpAddr,
+    rid: &str,
+    trace: &mut Trace,
+    start: Instant,
+) -> Response<RespBody> {
+    let site = &*conn.site;
+    let c = ConnRef {
+        common: &conn.common,
+        site,
+        client,
+        start,
+    };
+    let m = &conn.common.metrics;
+
+    // Protocol limits.
+    if req.version() != http::Version::HTTP_2 {
+        let index = conn.h1_requests.fetch_add(1, Ordering::Relaxed);
+        if conn.activity.framing_conflict.load(Ordering::Relaxed) == index {
+            let limit = Limit::Framing;
+            return refuse(
+                &c,
+                trace,
+                "limit",
+                limit.as_str(),
+                limit.status(),
+                Some(Kind::Limit),
+            );
+        }
+    }
+    if let Err(limit) = limits::check_request(&req, &site.cfg.limits) {
+        return refuse(
+            &c,
+            trace,
+            "limit",
+            limit.as_str(),
+            limit.status(),
+            Some(Kind::Limit),
+        );
+    }
+
+    // Authentication, authorization, L7 rate limits.
+    let t = Instant::now();
+    let authorized = site.checks.authorize(&req, client, &c, trace).await;
+    observe(m, "auth", t);
+    let route = match authorized {
+        Ok(route) => route,
+        Err(resp) => return resp,
+    };
+
+    // CSRF.
+    if let Some(csrf) = &site.cfg.csrf
+        && let Err(why) = forward::csrf_check(csrf, req.method(), req.uri().path(), req.headers())
+    {
+        return refuse(
+            &c,
+            trace,
+            "csrf",
+            why.as_str(),
+            StatusCode::FORBIDDEN,
+            Some(Kind::Csrf),
+        );
+    }
+
+    // Attack detection (buffers inspected bodies up to the body limit).
+    let (mut parts, body) = req.into_parts();
+    let limits = &site.cfg.limits;
+    let t = Instant::now();
+    let body = match site.checks.inspect(&parts, body, &route, &c, trace).await {
+        Ok(body) => body,
+        Err(resp) => {
+            observe(m, "detect", t);
+            return resp;
+        }
+    };
+    observe(m, "detect", t);
+    let body = match body {
+        pipeline::Inspected::Buffered(b) if b.is_empty() => ReqBody::Empty,
+        pipeline::Inspected::Buffered(b) => ReqBody::Full(Some(b)),
+        pipeline::Inspected::Untouched(body) => {
+            if hyper::body::Body::is_end_stream(&body) {
+                ReqBody::Empty
+            } else {
+                ReqBody::Stream(LimitedBody::new(
+                    body,
+                    limits.max_body_bytes,
+                    limits.read_timeout,
+                ))
+            }
+        }
+    };
+
+    // Forward.
+    let peer_host = crate::cidr::Prefix::host(conn.peer.ip());
+    let peer_trusted = site
+        .cfg
+        .trusted_proxies
+        .iter()
+        .any(|p| p.contains(&peer_host));
+    forward::prepare(&mut parts, conn.peer.ip(), peer_trusted, rid);
+    let t = Instant::now();
+    let sent = site.upstream.send(Request::from_parts(parts, body)).await;
+    trace.upstream = t.elapsed();
+    observe(m, "upstream", t);
+    match sent {
+        Ok(resp) => resp.map(RespBody::Upstream),
+        Err(e) => {
+            trace.fault = Some(e.fault);
+            if let Some(limit) = e.limit {
+                return refuse(
+                    &c,
+                    trace,
+                    "limit",
+                    limit.as_str(),
+                    e.status,
+                    Some(Kind::Limit),
+                );
+            }
+            let reason = if e.status == StatusCode::GATEWAY_TIMEOUT {
+                "timeout"
+            } else {
+                "unavailable"
+            };
+            m.reject("upstream", reason);
+            trace.checks.push(format!("upstream:{reason}"));
+            tracing::warn!(
+                target: "apifilter::proxy",
+                request_id = rid,
+                fault = e.fault.as_str(),
+                status = e.status.as_u16(),
+                detail = %e.detail,
+                "upstream request failed"
+            );
+            forward::local(e.status)
+        }
+    }
+}
+
+fn observe(m: &Metrics, check: &'static str, since: Instant) {
+    m.check_duration
+        .get_or_create(&super::metrics::CheckOnly { check })
+        .observe(since.elapsed().as_secs_f64());
+}
