@@ -1161,3 +1161,80 @@ fn reload_moves_a_listener_and_finishes_its_requests() {
     let raw = read_for(&mut slow, Duration::from_secs(5));
     assert_eq!(status_of(&raw), 200, "{raw}");
 }
+
+#[test]
+fn bans_grow_for_repeat_offenders_and_spare_the_allowlist() {
+    use filter_user::{cidr::Prefix, control::Control, loader::PinDir, maps::List};
+    integration_tests::require_root();
+    let certs = shared_certs();
+    let upstream = Upstream::start();
+    let port = free_port();
+    let state = std::env::temp_dir().join(format!("aft-repeat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let ctl = Arc::new(Control::open(PinDir::new(state.join("no-pins")), &state).unwrap());
+    let allowed: Prefix = "198.18.5.5".parse().unwrap();
+    ctl.claim(List::Allow, "cli", &[(allowed, None)], None)
+        .unwrap();
+    // Clients are told apart by X-Forwarded-For from a trusted peer (loopback itself is exempt).
+    let text = format!(
+        "{}[proxy.violations]\nthreshold = 40\nban_ttl = \"1s\"\nrepeat_multiplier = 4\n",
+        proxy_section(
+            port,
+            certs,
+            &upstream.url(),
+            "trusted_proxies = [\"127.0.0.0/8\"]"
+        )
+    );
+    let _proxy = Proxy::start_with(&text, ctl.clone(), None);
+    let long = format!("/{}", "u".repeat(9000));
+    let offend = |ip: &str| {
+        for _ in 0..2 {
+            let xff = format!("X-Forwarded-For: {ip}");
+            assert_eq!(
+                curl(certs, LOCAL, port, "a.test", &long, &["-H", &xff]).status,
+                414
+            );
+        }
+    };
+    let ttl_left = |ip: &str| -> Option<i64> {
+        let p: Prefix = ip.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let owned = ctl.owned(List::Block, "proxy").unwrap();
+            if let Some((_, exp)) = owned.iter().find(|(q, _)| *q == p) {
+                return Some(exp.expect("a proxy ban expires") - filter_user::store::unix_ms());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    offend("198.18.5.4");
+    let first = ttl_left("198.18.5.4").expect("first ban");
+    assert!((0..=1000).contains(&first), "first TTL {first} ms");
+    std::thread::sleep(Duration::from_millis(1200));
+    offend("198.18.5.4");
+    // The claim is refreshed with the longer TTL.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let left = ttl_left("198.18.5.4").expect("still owned");
+        if left > 2000 {
+            assert!(left <= 4000, "second TTL {left} ms");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no second, longer ban: {left} ms left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // An allowlisted client crosses the threshold too, but is not banned.
+    offend("198.18.5.5");
+    assert_eq!(
+        ttl_left("198.18.5.5"),
+        None,
+        "an allowlisted client was banned"
+    );
+    let _ = std::fs::remove_dir_all(&state);
+}
