@@ -36,6 +36,22 @@ pub struct JsonString<'a> {
     pub raw: &'a [u8],
     /// Whether `raw` holds a backslash, so escapes need decoding.
     pub escaped: bool,
+    /// Whether the string is an object key (a `:` follows it).
+    pub key: bool,
+}
+
+/// Most bytes of a name [`is_plain_name`] accepts.
+pub const PLAIN_NAME_MAX: usize = 64;
+
+/// Whether a parameter name or JSON key is a plain identifier (letters, digits, `_`, `-`, `.`,
+/// `[`, `]`, at most [`PLAIN_NAME_MAX`] bytes): such a name carries nothing but a word, so it
+/// need not be inspected.
+pub fn is_plain_name(name: &[u8]) -> bool {
+    !name.is_empty()
+        && name.len() <= PLAIN_NAME_MAX
+        && name
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'[' | b']'))
 }
 
 /// Iterates over every string (keys and values) of a JSON document in one pass. It does not
@@ -83,7 +99,12 @@ impl<'a> Iterator for JsonStrings<'a> {
         }
         let raw = &self.input[open + 1..i];
         self.pos = i + 1;
-        Some(JsonString { raw, escaped })
+        let key = self
+            .input
+            .get(i + 1..)
+            .and_then(|rest| rest.iter().find(|b| !b.is_ascii_whitespace()))
+            == Some(&b':');
+        Some(JsonString { raw, escaped, key })
     }
 }
 
@@ -203,6 +224,8 @@ Content-Disposition: form-data; name=\"f\"; filename=\"x.png\"\r\n\r\n<binary>\r
     #[test]
     fn json_strings() {
         let doc = br#"{"name":"O\"Brien","n":[1,true,"x\\"],"bad":"unterminated"#;
+        let keys: Vec<_> = JsonStrings::new(doc).map(|s| s.key).collect();
+        assert_eq!(keys, vec![true, false, true, false, true, false]);
         let got: Vec<_> = JsonStrings::new(doc).map(|s| (s.raw, s.escaped)).collect();
         assert_eq!(
             got,

@@ -37,7 +37,8 @@
 //!   `detection_report` example.
 //!
 //! # What is inspected
-//! - the path (percent-decoded), each query `name=value` (with `+` as space), each header value
+//! - the path (percent-decoded), each query `name=value` (with `+` as space; a name that is a
+//!   plain identifier, see [`fields::is_plain_name`], is skipped, as are such JSON keys), each header value
 //!   except the ones [`DetectConfig::skip_headers`] names (by default the credentials, which the
 //!   authentication stage has already checked, and headers whose grammar is fixed), each cookie
 //!   value of the `Cookie` header, and the body: every string (keys and values) of a JSON body,
@@ -403,7 +404,9 @@ impl Detector {
         }
         if let Some(query) = req.query {
             for (name, value) in fields::pairs(query.as_bytes()) {
-                self.field(name, Wire::Form, Location::Query, bufs, &mut verdict);
+                if !fields::is_plain_name(name) {
+                    self.field(name, Wire::Form, Location::Query, bufs, &mut verdict);
+                }
                 self.field(value, Wire::Form, Location::Query, bufs, &mut verdict);
             }
         }
@@ -451,6 +454,9 @@ impl Detector {
         if is("application/json") || ends("+json") {
             let mut json = std::mem::take(&mut bufs.json);
             for s in fields::JsonStrings::new(body) {
+                if s.key && fields::is_plain_name(s.raw) {
+                    continue;
+                }
                 if s.escaped {
                     json.clear();
                     fields::json_unescape(s.raw, &mut json);
@@ -462,7 +468,9 @@ impl Detector {
             bufs.json = json;
         } else if is("application/x-www-form-urlencoded") {
             for (name, value) in fields::pairs(body) {
-                self.field(name, Wire::Form, loc, bufs, verdict);
+                if !fields::is_plain_name(name) {
+                    self.field(name, Wire::Form, loc, bufs, verdict);
+                }
                 self.field(value, Wire::Form, loc, bufs, verdict);
             }
         } else if is("multipart/form-data") {

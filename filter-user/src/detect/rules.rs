@@ -515,6 +515,9 @@ impl Rules {
             AhoCorasickBuilder::new()
                 .match_kind(MatchKind::LeftmostLongest)
                 .kind(Some(AhoCorasickKind::DFA))
+                // Short keywords make prefilters report many false candidates; the DFA alone
+                // is faster on field-sized texts.
+                .prefilter(false)
                 .build(pats)
                 .unwrap_or_else(|e| unreachable!("static patterns compile: {e}"))
         };
@@ -529,6 +532,9 @@ impl Rules {
             sql_gate: AhoCorasickBuilder::new()
                 .match_kind(MatchKind::LeftmostFirst)
                 .kind(Some(AhoCorasickKind::DFA))
+                // Short keywords make prefilters report many false candidates; the DFA alone
+                // is faster on field-sized texts.
+                .prefilter(false)
                 .build(SQL_GATE)
                 .unwrap_or_else(|e| unreachable!("static patterns compile: {e}")),
         }
@@ -1483,7 +1489,12 @@ fn libinjection(
     emit: &mut dyn FnMut(Hit),
 ) {
     let text = &text[..text.len().min(LIBINJECTION_MAX)];
-    if text.len() < 2 {
+    // One word (letters, digits, `_-.`) is no SQL statement and no markup.
+    if text.len() < 2
+        || text
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    {
         return;
     }
     if enabled.sqli && sql_gate(gate, canon) {
