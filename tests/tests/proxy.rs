@@ -328,7 +328,8 @@ fn each_protocol_limit_refuses_and_counts() {
 
     // Declared too large: refused before the body is read.
     // HTTP/1.1: curl 7.88 reports the RST_STREAM(NO_ERROR) that ends an HTTP/2 request answered
-    // before its body was sent as a failure, although RFC 9113 (8.1) allows exactly that.
+    // before its body was sent as a failure, although RFC 9113 (8.1) allows exactly that (the
+    // proxy reads small bodies of refused requests first, but not one declared over the limit).
     let r = s.get("/", &["--http1.1", "--data-binary", &"x".repeat(2000)]);
     assert_eq!(r.status, 413, "{r:?}");
     assert_eq!(s.proxy.rejections("limit", "body_size"), 1.0);
@@ -598,16 +599,8 @@ fn csrf_guard_checks_origin_on_cookie_requests() {
         "[proxy.csrf]\nallowed_origins = [\"https://app.example.com\"]\n",
     );
     let post = |extra: &[&str]| {
-        // HTTP/1.1: see `each_protocol_limit_refuses_and_counts` for curl and early answers.
-        let mut args = vec![
-            "--http1.1",
-            "-X",
-            "POST",
-            "--data",
-            "a=1",
-            "-H",
-            "Cookie: session=abc",
-        ];
+        // HTTP/2 (curl's default): refused requests with small bodies are answered cleanly.
+        let mut args = vec!["-X", "POST", "--data", "a=1", "-H", "Cookie: session=abc"];
         args.extend_from_slice(extra);
         s.get("/transfer", &args).status
     };
@@ -1167,4 +1160,81 @@ fn reload_moves_a_listener_and_finishes_its_requests() {
     // The request in flight is answered before its connection closes.
     let raw = read_for(&mut slow, Duration::from_secs(5));
     assert_eq!(status_of(&raw), 200, "{raw}");
+}
+
+#[test]
+fn bans_grow_for_repeat_offenders_and_spare_the_allowlist() {
+    use filter_user::{cidr::Prefix, control::Control, loader::PinDir, maps::List};
+    integration_tests::require_root();
+    let certs = shared_certs();
+    let upstream = Upstream::start();
+    let port = free_port();
+    let state = std::env::temp_dir().join(format!("aft-repeat-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&state);
+    let ctl = Arc::new(Control::open(PinDir::new(state.join("no-pins")), &state).unwrap());
+    let allowed: Prefix = "198.18.5.5".parse().unwrap();
+    ctl.claim(List::Allow, "cli", &[(allowed, None)], None)
+        .unwrap();
+    // Clients are told apart by X-Forwarded-For from a trusted peer (loopback itself is exempt).
+    let text = format!(
+        "{}[proxy.violations]\nthreshold = 40\nban_ttl = \"1s\"\nrepeat_multiplier = 4\n",
+        proxy_section(
+            port,
+            certs,
+            &upstream.url(),
+            "trusted_proxies = [\"127.0.0.0/8\"]"
+        )
+    );
+    let _proxy = Proxy::start_with(&text, ctl.clone(), None);
+    let long = format!("/{}", "u".repeat(9000));
+    let offend = |ip: &str| {
+        for _ in 0..2 {
+            let xff = format!("X-Forwarded-For: {ip}");
+            assert_eq!(
+                curl(certs, LOCAL, port, "a.test", &long, &["-H", &xff]).status,
+                414
+            );
+        }
+    };
+    let ttl_left = |ip: &str| -> Option<i64> {
+        let p: Prefix = ip.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let owned = ctl.owned(List::Block, "proxy").unwrap();
+            if let Some((_, exp)) = owned.iter().find(|(q, _)| *q == p) {
+                return Some(exp.expect("a proxy ban expires") - filter_user::store::unix_ms());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    offend("198.18.5.4");
+    let first = ttl_left("198.18.5.4").expect("first ban");
+    assert!((0..=1000).contains(&first), "first TTL {first} ms");
+    std::thread::sleep(Duration::from_millis(1200));
+    offend("198.18.5.4");
+    // The claim is refreshed with the longer TTL.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let left = ttl_left("198.18.5.4").expect("still owned");
+        if left > 2000 {
+            assert!(left <= 4000, "second TTL {left} ms");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no second, longer ban: {left} ms left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // An allowlisted client crosses the threshold too, but is not banned.
+    offend("198.18.5.5");
+    assert_eq!(
+        ttl_left("198.18.5.5"),
+        None,
+        "an allowlisted client was banned"
+    );
+    let _ = std::fs::remove_dir_all(&state);
 }

@@ -94,7 +94,7 @@ impl Checks {
     /// Authentication, authorization and L7 rate limits: the route, or the refusal.
     pub(crate) async fn authorize(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<()>,
         client: IpAddr,
         c: &ConnRef<'_>,
         trace: &mut Trace,

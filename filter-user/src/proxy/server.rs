@@ -754,6 +754,9 @@ async fn pipeline_steps(
         start,
     };
     let m = &conn.common.metrics;
+    // The head goes through the checks; the body waits until detection (or a refusal) needs it.
+    let (parts, body) = req.into_parts();
+    let req = Request::from_parts(parts, ());
 
     // Protocol limits.
     if req.version() != http::Version::HTTP_2 {
@@ -771,7 +774,7 @@ async fn pipeline_steps(
         }
     }
     if let Err(limit) = limits::check_request(&req, &site.cfg.limits) {
-        return refuse(
+        let resp = refuse(
             &c,
             trace,
             "limit",
@@ -779,6 +782,7 @@ async fn pipeline_steps(
             limit.status(),
             Some(Kind::Limit),
         );
+        return early(resp, &req, body).await;
     }
 
     // Authentication, authorization, L7 rate limits.
@@ -787,14 +791,14 @@ async fn pipeline_steps(
     observe(m, "auth", t);
     let route = match authorized {
         Ok(route) => route,
-        Err(resp) => return resp,
+        Err(resp) => return early(resp, &req, body).await,
     };
 
     // CSRF.
     if let Some(csrf) = &site.cfg.csrf
         && let Err(why) = forward::csrf_check(csrf, req.method(), req.uri().path(), req.headers())
     {
-        return refuse(
+        let resp = refuse(
             &c,
             trace,
             "csrf",
@@ -802,10 +806,11 @@ async fn pipeline_steps(
             StatusCode::FORBIDDEN,
             Some(Kind::Csrf),
         );
+        return early(resp, &req, body).await;
     }
 
     // Attack detection (buffers inspected bodies up to the body limit).
-    let (mut parts, body) = req.into_parts();
+    let (mut parts, ()) = req.into_parts();
     let limits = &site.cfg.limits;
     let t = Instant::now();
     let body = match site.checks.inspect(&parts, body, &route, &c, trace).await {
@@ -876,6 +881,25 @@ async fn pipeline_steps(
             forward::local(e.status)
         }
     }
+}
+
+/// The most of a refused HTTP/2 request's body read before answering.
+const EARLY_DRAIN_MAX: u64 = 64 * 1024;
+/// The longest wait for it.
+const EARLY_DRAIN_WAIT: Duration = Duration::from_millis(100);
+
+/// Answer a refused request. An HTTP/2 request still sending a small body gets it read (and
+/// dropped) first, within a short wait: answering mid-upload resets the stream under the client,
+/// which RFC 9113 allows but some clients (curl before 8) report as a failure.
+async fn early(resp: Response<RespBody>, head: &Request<()>, body: Incoming) -> Response<RespBody> {
+    let small = limits::content_length(head.headers()).is_none_or(|n| n <= EARLY_DRAIN_MAX);
+    if head.version() == http::Version::HTTP_2 && small && !hyper::body::Body::is_end_stream(&body)
+    {
+        let limited = http_body_util::Limited::new(body, EARLY_DRAIN_MAX as usize);
+        let _ =
+            tokio::time::timeout(EARLY_DRAIN_WAIT, http_body_util::BodyExt::collect(limited)).await;
+    }
+    resp
 }
 
 fn observe(m: &Metrics, check: &'static str, since: Instant) {
