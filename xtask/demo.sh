@@ -24,7 +24,7 @@ if [[ -z ${APIFILTER:-} || ! -x ${APIFILTER} ]]; then
     echo "demo.sh: set APIFILTER to the apifilter binary (\`cargo xtask demo\` does this)" >&2
     exit 1
 fi
-for tool in ip nsenter python3 timeout curl; do
+for tool in ip nsenter python3 timeout curl openssl bc; do
     command -v "$tool" >/dev/null || { echo "demo.sh: $tool is missing (run \`cargo xtask setup\`)" >&2; exit 1; }
 done
 
@@ -41,6 +41,7 @@ GOOD=198.18.0.10
 BAD=198.18.0.66
 BAD_RANGE=198.18.0.200
 BAD6=2001:db8::66
+ATTACKER=198.18.0.77
 GW_MAC=02:af:de:00:00:01
 NET_MAC=02:af:de:00:00:02
 
@@ -178,7 +179,7 @@ ip -n "$GW" addr add "$SERVER4/24" dev afd0
 ip -n "$GW" addr add "$SERVER6/64" dev afd0 nodad
 ip -n "$NET" addr add 198.18.0.2/24 dev afd1
 ip -n "$NET" addr add 2001:db8::2/64 dev afd1 nodad
-for client in "$GOOD" "$BAD" "$BAD_RANGE"; do ip -n "$NET" addr add "$client/24" dev afd1; done
+for client in "$GOOD" "$BAD" "$BAD_RANGE" "$ATTACKER"; do ip -n "$NET" addr add "$client/24" dev afd1; done
 ip -n "$NET" addr add "$BAD6/64" dev afd1 nodad
 for ns in "$GW" "$NET"; do ip -n "$ns" link set lo up; done
 ip -n "$GW" link set afd0 up
@@ -186,7 +187,7 @@ ip -n "$NET" link set afd1 up
 # Static neighbour entries: ARP and NDP then never depend on which client the filter lets through.
 ip -n "$NET" neigh replace "$SERVER4" lladdr "$GW_MAC" dev afd1 nud permanent
 ip -n "$NET" neigh replace "$SERVER6" lladdr "$GW_MAC" dev afd1 nud permanent
-for client in 198.18.0.2 "$GOOD" "$BAD" "$BAD_RANGE" 2001:db8::2 "$BAD6"; do
+for client in 198.18.0.2 "$GOOD" "$BAD" "$BAD_RANGE" "$ATTACKER" 2001:db8::2 "$BAD6"; do
     ip -n "$GW" neigh replace "$client" lladdr "$NET_MAC" dev afd0 nud permanent
 done
 say "veth afd0 ($SERVER4, $SERVER6) <-> afd1 (clients $GOOD, $BAD, $BAD_RANGE, $BAD6)"
@@ -210,9 +211,41 @@ drop_events_interval = "2s"  # top dropped sources, from the kernel's sampled dr
 
 [metrics]
 listen = "127.0.0.1:9477"    # Prometheus, on the gateway's loopback
+
+# The TLS inspection proxy in front of the API on 127.0.0.1:8080. Offenders are banned in the
+# kernel blocklist (owner "proxy").
+[[proxy]]
+listen = "$SERVER4:8443"
+upstream = "http://127.0.0.1:8080"
+access_log = "$WORK/access.log"
+[proxy.tls]
+certs = [{ cert = "$WORK/api.pem", key = "$WORK/api.key" }]
+[proxy.violations]
+threshold = 100              # an attack scores 50: the second one bans
+ban_ttl = "10m"
 ${1:-}
 EOF
 }
+# A certificate for the proxy, and a tiny JSON API behind it on the gateway's loopback.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj "/CN=api.demo.test" -addext "subjectAltName=DNS:api.demo.test,IP:$SERVER4" \
+    -keyout "$WORK/api.key" -out "$WORK/api.pem" 2>/dev/null
+cat >"$WORK/api.py" <<'PY'
+import http.server, json
+class Api(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"items": [{"id": 1, "name": "widget"}], "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", 8080), Api).serve_forever()
+PY
+ip netns exec "$GW" python3 "$WORK/api.py" &
+PIDS+=("$!")
 write_config
 sed 's/^/   | /' "$WORK/demo.toml"
 af check-config --config "$WORK/demo.toml"
@@ -316,21 +349,58 @@ say "waiting 6 s; the kernel lifts it on its own (its expiry is on the boot-time
 sleep 6
 send_from "$GOOD" 20 50
 
-heading "10. Stop the daemon (SIGTERM): the filter stays attached and enforcing"
-kill -TERM "$DAEMON"
-wait "$DAEMON" || true
-show_log "stopping"
-send_from "$BAD" 50
-send_from "$GOOD" 20 50
-
-heading "11. Monitor mode: nothing is dropped, but what would have been is counted"
+heading "10. Monitor mode: nothing is dropped, but what would have been is counted"
 af mode monitor
 send_from "$BAD" 50
 af stats
 af mode enforce
 
-heading "12. Detach: the filter is gone"
-af detach --all
+heading "11. Restart the daemon: SIGTERM leaves the filter attached and enforcing"
+kill -TERM "$DAEMON"
+wait "$DAEMON" || true
+show_log "stopping"
+say "no daemon runs now:"
 send_from "$BAD" 50
+send_from "$GOOD" 20 50
+printf '%s   $ apifilter --log-format json run --config demo.toml &%s\n' "$DIM" "$RESET"
+"${AF[@]}" --log-format json run --config "$WORK/demo.toml" 2>>"$WORK/daemon.log" &
+DAEMON=$!
+PIDS+=("$DAEMON")
+for _ in $(seq 200); do
+    if [[ $(grep -c "filter attached and state restored" "$WORK/daemon.log") -ge 2 ]]; then break; fi
+    sleep 0.1
+done
+show_log "attached|restored"
+
+heading "12. An attack through the TLS proxy ends in a kernel ban"
+# https_from SRC URL: one request from client SRC through the proxy; prints the status.
+https_from() {
+    ip netns exec "$NET" curl -s -o /dev/null -w '%{http_code}' --max-time 3 \
+        --interface "$1" --cacert "$WORK/api.pem" --resolve "api.demo.test:8443:$SERVER4" \
+        "https://api.demo.test:8443$2" || true
+}
+say "a legitimate request from $GOOD:"
+printf '   GET /api/items?q=blue+widgets               -> %s\n' "$(https_from "$GOOD" '/api/items?q=blue+widgets')"
+say "an attacker at $ATTACKER probes the API with SQL injection and path traversal:"
+printf "   GET /api/items?q=1'+OR+'1'='1               -> %s\n" "$(https_from "$ATTACKER" "/api/items?q=1'+OR+'1'='1")"
+printf '   GET /api/items?file=../../../etc/passwd      -> %s\n' "$(https_from "$ATTACKER" '/api/items?file=..%2f..%2f..%2fetc%2fpasswd')"
+for _ in $(seq 50); do
+    if "${AF[@]}" list --blocked | grep -q "$ATTACKER"; then break; fi
+    sleep 0.1
+done
+show_log "ban|attack"
+af list --blocked
+say "the attacker's next connection: its SYNs are dropped by XDP before the kernel sees them"
+start=$(date +%s.%N)
+code=$(https_from "$ATTACKER" '/api/items')
+printf '   GET /api/items from %s -> %s (no answer: timed out after %.1f s)\n' "$ATTACKER" "${code:-000}" "$(echo "$(date +%s.%N) - $start" | bc)"
+printf '   GET /api/items from %s    -> %s\n' "$GOOD" "$(https_from "$GOOD" '/api/items')"
+say "the proxy's access log, one JSON line per request:"
+tail -n 4 "$WORK/access.log" | python3 -c '
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print("   ", {k: r.get(k) for k in ("client", "method", "path", "status", "checks", "latency_ms") if k in r} or r)
+'
 
 heading "Done"
