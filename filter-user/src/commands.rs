@@ -128,7 +128,11 @@ fn apply(
     store: &mut Store,
     list: List,
     plan: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<Vec<Prefix>, StoreError>,
-    change: impl FnMut(&mut crate::store::Tx<'_>, &Prefix) -> Result<Option<Option<i64>>, StoreError>,
+    change: impl FnMut(
+        &mut crate::store::Tx<'_>,
+        usize,
+        &Prefix,
+    ) -> Result<crate::store::Transition, StoreError>,
     audit: (&str, String),
 ) -> anyhow::Result<usize> {
     let maps = loaded_maps(pins);
@@ -399,10 +403,7 @@ fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
         &mut store,
         List::Block,
         |_| Ok(args.entries.clone()),
-        |tx, p| {
-            tx.claim(List::Block, p, OWNER_CLI, expires, comment)
-                .map(Some)
-        },
+        |tx, _, p| tx.claim(List::Block, p, OWNER_CLI, expires, comment),
         ("block", detail),
     )?;
     println!(
@@ -493,7 +494,7 @@ fn release(
         &mut store,
         list,
         |_| Ok(entries.to_vec()),
-        |tx, p| tx.release(list, p, OWNER_CLI),
+        |tx, _, p| tx.release(list, p, OWNER_CLI),
         (verb, describe(entries, None, None)),
     )?;
     let remaining = store.entries(Some(list))?;
@@ -524,10 +525,7 @@ fn allow(
         &mut store,
         List::Allow,
         |_| Ok(entries.to_vec()),
-        |tx, p| {
-            tx.claim(List::Allow, p, OWNER_CLI, None, comment.as_deref())
-                .map(Some)
-        },
+        |tx, _, p| tx.claim(List::Allow, p, OWNER_CLI, None, comment.as_deref()),
         ("allow", detail),
     )?;
     println!(
@@ -646,7 +644,8 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
                 .join("\n  ")
         )
     })?;
-    prefixes.sort();
+    drop(text);
+    prefixes.sort_unstable();
     prefixes.dedup();
     check_everything(&prefixes, args.force)?;
     let mut store = Store::open(state)?;
@@ -664,30 +663,31 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
         );
     }
     // Adds first, then releases, in one transaction: nothing the new list keeps blinks out, and a
-    // concurrent import of the same source waits for this one.
-    let keep: std::collections::HashSet<Prefix> = prefixes.iter().copied().collect();
+    // concurrent import of the same source waits for this one. The plan is the sorted list, then
+    // what the source no longer lists: the first `adds` entries are claims.
+    let adds = prefixes.len();
     let mut released = 0;
     apply(
         pins,
         &mut store,
         List::Block,
         |tx| {
-            let mut plan = prefixes.clone();
+            let mut plan = prefixes;
             if args.replace {
                 let stale: Vec<Prefix> = tx
                     .read()
                     .owned(List::Block, &source)?
                     .into_iter()
-                    .filter(|p| !keep.contains(p))
+                    .filter(|p| plan[..adds].binary_search(p).is_err())
                     .collect();
                 released = stale.len();
                 plan.extend(stale);
             }
             Ok(plan)
         },
-        |tx, p| {
-            if keep.contains(p) {
-                tx.claim(List::Block, p, &source, expires, None).map(Some)
+        |tx, i, p| {
+            if i < adds {
+                tx.claim(List::Block, p, &source, expires, None)
             } else {
                 tx.release(List::Block, p, &source)
             }
@@ -695,8 +695,7 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
         ("import", detail),
     )?;
     println!(
-        "imported {} entries from {name} as source {source:?}{}",
-        prefixes.len(),
+        "imported {adds} entries from {name} as source {source:?}{}",
         if args.replace {
             format!("; released {released} it no longer lists")
         } else {

@@ -14,8 +14,8 @@ use crate::{
     cidr::Prefix,
     clock,
     loader::{LoaderError, PinDir},
-    maps::{List, Maps, MapsError},
-    store::{Store, StoreError, Tx, unix_ms},
+    maps::{List, Maps, MapsError, Writer},
+    store::{Store, StoreError, Transition, Tx, unix_ms},
 };
 
 /// Why a change did not happen. Nothing was changed in any case.
@@ -43,19 +43,6 @@ pub fn kernel_expiry(expires_at_ms: Option<i64>) -> u64 {
     }
 }
 
-/// Make the kernel hold an entry's effective state (`None` = no owner left: remove it).
-pub fn push(
-    maps: &Maps,
-    list: List,
-    prefix: &Prefix,
-    effective: Option<Option<i64>>,
-) -> Result<(), MapsError> {
-    match effective {
-        None => maps.remove(list, prefix),
-        Some(exp) => maps.upsert(list, prefix, kernel_expiry(exp)),
-    }
-}
-
 /// One change to apply with [`apply`].
 pub struct Change<'a> {
     /// The list it changes.
@@ -70,39 +57,52 @@ pub struct Change<'a> {
 
 /// Apply claims or releases in one transaction, pushing each entry's new state to the kernel (when
 /// it is loaded). `plan` lists the prefixes to change, read inside the transaction; `change`
-/// changes one and returns its new effective state. On any failure, or when `interrupted` says so,
-/// the kernel entries already pushed go back to their previous state and the transaction rolls
-/// back. Returns how many prefixes the plan held.
+/// changes the `i`th and returns what that did to its effective state. On any failure, or when
+/// `interrupted` says so, the kernel entries already pushed go back to their previous state and
+/// the transaction rolls back. Returns how many prefixes the plan held.
+///
+/// The kernel gets the changes in plan order. Runs of new exact hosts go in batches (see
+/// [`Writer`]), all sent before the transaction commits.
 pub fn apply(
     maps: Option<&Maps>,
     store: &mut Store,
     change: Change<'_>,
     plan: impl FnOnce(&mut Tx<'_>) -> Result<Vec<Prefix>, StoreError>,
-    mut each: impl FnMut(&mut Tx<'_>, &Prefix) -> Result<Option<Option<i64>>, StoreError>,
+    mut each: impl FnMut(&mut Tx<'_>, usize, &Prefix) -> Result<Transition, StoreError>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<usize, ControlError> {
     expire(maps, store)?;
     let list = change.list;
-    let mut pushed: Vec<(Prefix, Option<Option<i64>>)> = Vec::new();
+    let mut prefixes = Vec::new();
+    // The state before each change pushed to the kernel, in plan order: what an undo restores.
+    let mut before: Vec<Option<Option<i64>>> = Vec::new();
     let mut bar = None;
     let result = store.write(|tx| {
-        let prefixes = plan(tx)?;
+        prefixes = plan(tx)?;
         bar = progress(prefixes.len());
-        for prefix in &prefixes {
+        let mut kernel = maps.map(Maps::writer);
+        if kernel.is_some() {
+            before.reserve_exact(prefixes.len());
+        }
+        for (i, prefix) in prefixes.iter().enumerate() {
             if interrupted() {
                 return Err(ControlError::Interrupted);
             }
-            let before = tx.effective(list, prefix)?;
-            let after = each(tx, prefix)?;
+            let t = each(tx, i, prefix)?;
             // Pushed even when the database did not change, so a kernel entry lost to an
             // earlier failure comes back.
-            if let Some(maps) = maps {
-                pushed.push((*prefix, before));
-                push(maps, list, prefix, after)?;
+            if let Some(w) = &mut kernel {
+                before.push(t.before);
+                push(w, list, prefix, t.after, t.before.is_none())?;
             }
-            if let Some(b) = &bar {
-                b.inc(1);
+            if let Some(b) = &bar
+                && i % PROGRESS_STEP == 0
+            {
+                b.set_position(i as u64);
             }
+        }
+        if let Some(w) = &mut kernel {
+            w.flush()?;
         }
         tx.audit(change.actor, change.action, &change.detail)?;
         Ok(prefixes.len())
@@ -112,16 +112,39 @@ pub fn apply(
     }
     result.inspect_err(|_| {
         if let Some(maps) = maps {
-            undo(maps, list, &pushed);
+            undo(maps, list, &prefixes[..before.len()], &before);
         }
     })
 }
 
-fn undo(maps: &Maps, list: List, pushed: &[(Prefix, Option<Option<i64>>)]) {
-    for (prefix, before) in pushed.iter().rev() {
-        if let Err(err) = push(maps, list, prefix, *before) {
+/// Entries between two updates of the progress bar.
+const PROGRESS_STEP: usize = 4096;
+
+/// Make the kernel hold an entry's effective state (`None` = no owner left: remove it). `fresh`:
+/// the entry had no state before, so it has no hit counter to keep.
+fn push(
+    w: &mut Writer<'_>,
+    list: List,
+    prefix: &Prefix,
+    effective: Option<Option<i64>>,
+    fresh: bool,
+) -> Result<(), MapsError> {
+    match effective {
+        None => w.remove(list, prefix),
+        Some(exp) => w.upsert(list, prefix, kernel_expiry(exp), fresh),
+    }
+}
+
+/// Put back the state before each change, the last change first.
+fn undo(maps: &Maps, list: List, prefixes: &[Prefix], before: &[Option<Option<i64>>]) {
+    let mut w = maps.writer();
+    for (prefix, before) in prefixes.iter().zip(before).rev() {
+        if let Err(err) = push(&mut w, list, prefix, *before, false) {
             tracing::error!(%prefix, %err, "could not undo a kernel change; `apifilter attach` resyncs the kernel with the database");
         }
+    }
+    if let Err(err) = w.flush() {
+        tracing::error!(%err, "could not undo a kernel change; `apifilter attach` resyncs the kernel with the database");
     }
 }
 
@@ -130,11 +153,15 @@ fn undo(maps: &Maps, list: List, pushed: &[(Prefix, Option<Option<i64>>)]) {
 pub fn expire(maps: Option<&Maps>, store: &mut Store) -> Result<usize, ControlError> {
     store.write(|tx| {
         let gone = tx.purge_expired(unix_ms())?;
+        let mut kernel = maps.map(Maps::writer);
         for (list, prefix) in &gone {
             let effective = tx.effective(*list, prefix)?;
-            if let Some(maps) = maps {
-                push(maps, *list, prefix, effective)?;
+            if let Some(w) = &mut kernel {
+                push(w, *list, prefix, effective, false)?;
             }
+        }
+        if let Some(w) = &mut kernel {
+            w.flush()?;
         }
         Ok(gone.len())
     })
@@ -249,7 +276,6 @@ impl Control {
         entries: &[(Prefix, Option<i64>)],
         comment: Option<&str>,
     ) -> Result<usize, ControlError> {
-        let by_prefix: HashMap<Prefix, Option<i64>> = entries.iter().copied().collect();
         let detail = describe(entries.iter().map(|(p, _)| p), comment);
         self.with(|store, maps| {
             apply(
@@ -262,7 +288,7 @@ impl Control {
                     detail,
                 },
                 |_| Ok(entries.iter().map(|(p, _)| *p).collect()),
-                |tx, p| tx.claim(list, p, owner, by_prefix[p], comment).map(Some),
+                |tx, i, p| tx.claim(list, p, owner, entries[i].1, comment),
                 &|| false,
             )
         })
@@ -287,7 +313,7 @@ impl Control {
                     detail,
                 },
                 |_| Ok(prefixes.to_vec()),
-                |tx, p| tx.release(list, p, owner),
+                |tx, _, p| tx.release(list, p, owner),
                 &|| false,
             )
         })
@@ -351,8 +377,8 @@ impl Control {
                     }
                     Ok(plan)
                 },
-                |tx, p| match todo.borrow()[p] {
-                    Some(exp) => tx.claim(list, p, owner, exp, None).map(Some),
+                |tx, _, p| match todo.borrow()[p] {
+                    Some(exp) => tx.claim(list, p, owner, exp, None),
                     None => tx.release(list, p, owner),
                 },
                 &|| false,

@@ -3,6 +3,7 @@
 //! are a cache of this.
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -92,6 +93,83 @@ fn effective(expiries: impl Iterator<Item = Option<i64>>) -> Option<i64> {
         };
     }
     latest
+}
+
+/// Two effective states of one entry together: `None` = no owner, `Some(expiry)` otherwise;
+/// between two owners the later expiry wins, and a permanent claim wins over any expiry.
+fn join(a: Option<Option<i64>>, b: Option<Option<i64>>) -> Option<Option<i64>> {
+    match (a, b) {
+        (None, x) | (x, None) => x,
+        (Some(a), Some(b)) => Some(effective([a, b].into_iter())),
+    }
+}
+
+/// What one claim or release did to an entry's effective state: `None` = no owner (absent from
+/// the kernel), `Some(expiry)` otherwise (`Some(None)` = permanent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Before the change.
+    pub before: Option<Option<i64>>,
+    /// After it.
+    pub after: Option<Option<i64>>,
+}
+
+/// A prefix as the database stores it (its `Display` form), built on the stack: written and
+/// looked up once per entry of a bulk load, where a `String` each adds up.
+struct PrefixText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl PrefixText {
+    fn new(p: &Prefix) -> Self {
+        let mut t = Self {
+            buf: [0; 48],
+            len: 0,
+        };
+        match p.addr() {
+            IpAddr::V4(a) => {
+                let o = a.octets();
+                for (i, b) in o.iter().enumerate() {
+                    if i > 0 {
+                        t.push(b'.');
+                    }
+                    t.push_decimal(*b);
+                }
+                if !p.is_host() {
+                    t.push(b'/');
+                    t.push_decimal(p.len());
+                }
+            }
+            IpAddr::V6(_) => {
+                use std::io::Write as _;
+                let mut cur = std::io::Cursor::new(&mut t.buf[..]);
+                // At most 39 characters of address, `/` and 3 digits: always fits.
+                let _ = write!(cur, "{p}");
+                t.len = cur.position() as usize;
+            }
+        }
+        t
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn push_decimal(&mut self, n: u8) {
+        if n >= 100 {
+            self.push(b'0' + n / 100);
+        }
+        if n >= 10 {
+            self.push(b'0' + n / 10 % 10);
+        }
+        self.push(b'0' + n % 10);
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("ASCII digits, dots, colons and slashes")
+    }
 }
 
 /// The kernel-side rate limit and mode, kept so they survive a reboot.
@@ -486,7 +564,7 @@ impl Tx<'_> {
         }
     }
 
-    /// Add or refresh `owner`'s claim on an entry; returns the entry's new effective expiry.
+    /// Add or refresh `owner`'s claim on an entry; returns the entry's state before and after.
     pub fn claim(
         &mut self,
         list: List,
@@ -494,42 +572,91 @@ impl Tx<'_> {
         owner: &str,
         expires_at_ms: Option<i64>,
         comment: Option<&str>,
-    ) -> Result<Option<i64>, StoreError> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO entries (list, prefix, owner, expires_at, comment, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (list, prefix, owner) DO UPDATE SET
-                   expires_at = excluded.expires_at,
-                   comment = COALESCE(excluded.comment, entries.comment)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    list.as_str(),
-                    prefix.to_string(),
-                    owner,
-                    expires_at_ms,
-                    comment,
-                    unix_ms()
-                ])
-            })
-            .map_err(self.db())?;
-        Ok(self.effective(list, prefix)?.flatten())
+    ) -> Result<Transition, StoreError> {
+        let key = PrefixText::new(prefix);
+        let (others, mine) = self.claims(list, key.as_str(), owner)?;
+        // An identical claim (same expiry, no new comment) would be rewritten as it is.
+        if mine != Some(expires_at_ms) || comment.is_some() {
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO entries (list, prefix, owner, expires_at, comment, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (list, prefix, owner) DO UPDATE SET
+                       expires_at = excluded.expires_at,
+                       comment = COALESCE(excluded.comment, entries.comment)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        list.as_str(),
+                        key.as_str(),
+                        owner,
+                        expires_at_ms,
+                        comment,
+                        unix_ms()
+                    ])
+                })
+                .map_err(self.db())?;
+        }
+        Ok(Transition {
+            before: join(others, mine),
+            after: join(others, Some(expires_at_ms)),
+        })
     }
 
-    /// Drop `owner`'s claim. Returns `None` when no owner is left (the entry leaves the kernel),
-    /// otherwise the remaining owners' effective expiry.
+    /// Drop `owner`'s claim; returns the entry's state before and after (`after` is `None` when
+    /// no owner is left: the entry leaves the kernel).
     pub fn release(
         &mut self,
         list: List,
         prefix: &Prefix,
         owner: &str,
-    ) -> Result<Option<Option<i64>>, StoreError> {
-        self.tx
-            .prepare_cached("DELETE FROM entries WHERE list = ?1 AND prefix = ?2 AND owner = ?3")
-            .and_then(|mut s| s.execute(params![list.as_str(), prefix.to_string(), owner]))
+    ) -> Result<Transition, StoreError> {
+        let key = PrefixText::new(prefix);
+        let (others, mine) = self.claims(list, key.as_str(), owner)?;
+        if mine.is_some() {
+            self.tx
+                .prepare_cached(
+                    "DELETE FROM entries WHERE list = ?1 AND prefix = ?2 AND owner = ?3",
+                )
+                .and_then(|mut s| s.execute(params![list.as_str(), key.as_str(), owner]))
+                .map_err(self.db())?;
+        }
+        Ok(Transition {
+            before: join(others, mine),
+            after: others,
+        })
+    }
+
+    /// The claims on an entry in one query: the other owners' effective state, and `owner`'s
+    /// own claim (`None` = none; `Some(expiry)`).
+    fn claims(
+        &mut self,
+        list: List,
+        prefix: &str,
+        owner: &str,
+    ) -> Result<(Option<Option<i64>>, Option<Option<i64>>), StoreError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT owner = ?3, expires_at FROM entries WHERE list = ?1 AND prefix = ?2",
+            )
             .map_err(self.db())?;
-        self.effective(list, prefix)
+        let mut rows = stmt
+            .query(params![list.as_str(), prefix, owner])
+            .map_err(self.db())?;
+        let (mut others, mut mine) = (None, None);
+        while let Some(row) = rows.next().map_err(self.db())? {
+            let (is_mine, exp): (bool, Option<i64>) = (
+                row.get(0).map_err(self.db())?,
+                row.get(1).map_err(self.db())?,
+            );
+            if is_mine {
+                mine = Some(exp);
+            } else {
+                others = join(others, Some(exp));
+            }
+        }
+        Ok((others, mine))
     }
 
     /// Whether `owner` has a claim on the entry.
@@ -541,7 +668,13 @@ impl Tx<'_> {
     ) -> Result<bool, StoreError> {
         self.tx
             .prepare_cached("SELECT 1 FROM entries WHERE list = ?1 AND prefix = ?2 AND owner = ?3")
-            .and_then(|mut s| s.exists(params![list.as_str(), prefix.to_string(), owner]))
+            .and_then(|mut s| {
+                s.exists(params![
+                    list.as_str(),
+                    PrefixText::new(prefix).as_str(),
+                    owner
+                ])
+            })
             .map_err(self.db())
     }
 
@@ -556,7 +689,10 @@ impl Tx<'_> {
             .prepare_cached("SELECT expires_at FROM entries WHERE list = ?1 AND prefix = ?2")
             .map_err(self.db())?;
         let exp: Vec<Option<i64>> = stmt
-            .query_map(params![list.as_str(), prefix.to_string()], |r| r.get(0))
+            .query_map(
+                params![list.as_str(), PrefixText::new(prefix).as_str()],
+                |r| r.get(0),
+            )
             .map_err(self.db())?
             .collect::<Result<_, _>>()
             .map_err(self.db())?;
@@ -704,18 +840,60 @@ mod tests {
         let (_d, mut s) = temp();
         let e = p("198.18.0.0/24");
         s.write(|tx| {
+            let t = |before, after| Transition { before, after };
             assert_eq!(
                 tx.claim(List::Block, &e, "cli", Some(1_000), Some("x"))?,
-                Some(1_000)
+                t(None, Some(Some(1_000)))
             );
             // A permanent claim from another owner wins over the expiry.
-            assert_eq!(tx.claim(List::Block, &e, "feed", None, None)?, None);
-            assert_eq!(tx.release(List::Block, &e, "feed")?, Some(Some(1_000)));
-            assert_eq!(tx.release(List::Block, &e, "cli")?, None);
+            assert_eq!(
+                tx.claim(List::Block, &e, "feed", None, None)?,
+                t(Some(Some(1_000)), Some(None))
+            );
+            // The same claim again changes nothing; a later expiry wins.
+            assert_eq!(
+                tx.claim(List::Block, &e, "feed", None, None)?,
+                t(Some(None), Some(None))
+            );
+            assert_eq!(
+                tx.claim(List::Block, &e, "cli", Some(2_000), None)?,
+                t(Some(None), Some(None))
+            );
+            assert_eq!(
+                tx.release(List::Block, &e, "feed")?,
+                t(Some(None), Some(Some(2_000)))
+            );
+            assert_eq!(
+                tx.release(List::Block, &e, "nobody")?,
+                t(Some(Some(2_000)), Some(Some(2_000)))
+            );
+            assert_eq!(
+                tx.release(List::Block, &e, "cli")?,
+                t(Some(Some(2_000)), None)
+            );
             Ok::<_, StoreError>(())
         })
         .unwrap();
         assert!(s.entries(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn stored_text_is_the_display_form() {
+        for text in [
+            "0.0.0.0/0",
+            "1.2.3.4",
+            "10.0.0.0/8",
+            "100.64.10.0/24",
+            "255.255.255.255",
+            "198.18.0.128/25",
+            "2001:db8::/32",
+            "2001:db8::1",
+            "::/0",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127",
+        ] {
+            let prefix = p(text);
+            assert_eq!(PrefixText::new(&prefix).as_str(), prefix.to_string());
+        }
     }
 
     #[test]
