@@ -23,7 +23,7 @@ use crate::{
     loader::{self, AttachMode, Capacities, PinDir},
     maps::{List, Maps},
     stats,
-    store::{OWNER_CLI, RateLimit, Settings, Store, StoreError, unix_ms},
+    store::{OWNER_CLI, Op, RateLimit, Settings, Store, StoreError, unix_ms},
 };
 
 /// Run a parsed command line.
@@ -121,18 +121,13 @@ impl Drop for DeferSignals {
     }
 }
 
-/// Apply claims (or releases) as the CLI, in one transaction (see [`control::apply`]). SIGINT
-/// undoes what was pushed: the command changes nothing.
+/// Apply `owner`'s claims (or releases), in one transaction (see [`control::apply`]); the audit
+/// log names the CLI. SIGINT undoes what was pushed: the command changes nothing.
 fn apply(
     pins: &PinDir,
     store: &mut Store,
-    list: List,
-    plan: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<Vec<Prefix>, StoreError>,
-    change: impl FnMut(
-        &mut crate::store::Tx<'_>,
-        usize,
-        &Prefix,
-    ) -> Result<crate::store::Transition, StoreError>,
+    (list, owner, comment): (List, &str, Option<&str>),
+    plan: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<Vec<(Prefix, Op)>, StoreError>,
     audit: (&str, String),
 ) -> anyhow::Result<usize> {
     let maps = loaded_maps(pins);
@@ -142,12 +137,13 @@ fn apply(
         store,
         Change {
             list,
+            owner,
+            comment,
             actor: OWNER_CLI,
             action: audit.0,
             detail: audit.1,
         },
         plan,
-        change,
         &|| signals.interrupted(),
     )?;
     if maps.is_none() {
@@ -401,9 +397,8 @@ fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
     apply(
         pins,
         &mut store,
-        List::Block,
-        |_| Ok(args.entries.clone()),
-        |tx, _, p| tx.claim(List::Block, p, OWNER_CLI, expires, comment),
+        (List::Block, OWNER_CLI, comment),
+        |_| Ok(ops(&args.entries, Op::Claim(expires))),
         ("block", detail),
     )?;
     println!(
@@ -415,6 +410,16 @@ fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// The same op on each entry, each entry once.
+fn ops(entries: &[Prefix], op: Op) -> Vec<(Prefix, Op)> {
+    let mut seen = std::collections::HashSet::new();
+    entries
+        .iter()
+        .filter(|p| seen.insert(**p))
+        .map(|p| (*p, op))
+        .collect()
 }
 
 fn describe(entries: &[Prefix], ttl: Option<Duration>, comment: Option<&str>) -> String {
@@ -492,9 +497,8 @@ fn release(
     apply(
         pins,
         &mut store,
-        list,
-        |_| Ok(entries.to_vec()),
-        |tx, _, p| tx.release(list, p, OWNER_CLI),
+        (list, OWNER_CLI, None),
+        |_| Ok(ops(entries, Op::Release)),
         (verb, describe(entries, None, None)),
     )?;
     let remaining = store.entries(Some(list))?;
@@ -523,9 +527,8 @@ fn allow(
     apply(
         pins,
         &mut store,
-        List::Allow,
-        |_| Ok(entries.to_vec()),
-        |tx, _, p| tx.claim(List::Allow, p, OWNER_CLI, None, comment.as_deref()),
+        (List::Allow, OWNER_CLI, comment.as_deref()),
+        |_| Ok(ops(entries, Op::Claim(None))),
         ("allow", detail),
     )?;
     println!(
@@ -670,27 +673,26 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
     apply(
         pins,
         &mut store,
-        List::Block,
+        (List::Block, &source, None),
         |tx| {
-            let mut plan = prefixes;
+            let mut stale = Vec::new();
             if args.replace {
-                let stale: Vec<Prefix> = tx
+                stale = tx
                     .read()
                     .owned(List::Block, &source)?
                     .into_iter()
-                    .filter(|p| plan[..adds].binary_search(p).is_err())
+                    .filter(|p| prefixes.binary_search(p).is_err())
                     .collect();
                 released = stale.len();
-                plan.extend(stale);
             }
+            let mut plan = prefixes;
+            // In the database's order: one pass over its B-trees, not a seek per entry.
+            crate::store::sort_as_stored(&mut plan, |p| *p);
+            crate::store::sort_as_stored(&mut stale, |p| *p);
+            let mut plan: Vec<(Prefix, Op)> =
+                plan.into_iter().map(|p| (p, Op::Claim(expires))).collect();
+            plan.extend(stale.into_iter().map(|p| (p, Op::Release)));
             Ok(plan)
-        },
-        |tx, i, p| {
-            if i < adds {
-                tx.claim(List::Block, p, &source, expires, None)
-            } else {
-                tx.release(List::Block, p, &source)
-            }
         },
         ("import", detail),
     )?;

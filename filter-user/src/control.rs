@@ -15,7 +15,7 @@ use crate::{
     clock,
     loader::{LoaderError, PinDir},
     maps::{List, Maps, MapsError, Writer},
-    store::{Store, StoreError, Transition, Tx, unix_ms},
+    store::{Op, Store, StoreError, Tx, unix_ms},
 };
 
 /// Why a change did not happen. Nothing was changed in any case.
@@ -47,6 +47,10 @@ pub fn kernel_expiry(expires_at_ms: Option<i64>) -> u64 {
 pub struct Change<'a> {
     /// The list it changes.
     pub list: List,
+    /// Whose claims it adds or drops.
+    pub owner: &'a str,
+    /// The comment a claim gets (`None` keeps the one stored).
+    pub comment: Option<&'a str>,
     /// Who makes it, for the audit log.
     pub actor: &'a str,
     /// Audit action (`block`, `import`, `feed`, ...).
@@ -56,69 +60,69 @@ pub struct Change<'a> {
 }
 
 /// Apply claims or releases in one transaction, pushing each entry's new state to the kernel (when
-/// it is loaded). `plan` lists the prefixes to change, read inside the transaction; `change`
-/// changes the `i`th and returns what that did to its effective state. On any failure, or when
-/// `interrupted` says so, the kernel entries already pushed go back to their previous state and
-/// the transaction rolls back. Returns how many prefixes the plan held.
+/// it is loaded). `plan` lists the prefixes to change and how, read inside the transaction. On
+/// any failure, or when `interrupted` says so, the kernel entries already pushed go back to their
+/// previous state and the transaction rolls back. Returns how many prefixes the plan held.
 ///
-/// The kernel gets the changes in plan order. Runs of new exact hosts go in batches (see
-/// [`Writer`]), all sent before the transaction commits.
+/// The plan goes through the database in chunks (see [`Tx::apply`]) and to the kernel in plan
+/// order, runs of new exact hosts in batches (see [`Writer`]), all before the transaction commits.
 pub fn apply(
     maps: Option<&Maps>,
     store: &mut Store,
     change: Change<'_>,
-    plan: impl FnOnce(&mut Tx<'_>) -> Result<Vec<Prefix>, StoreError>,
-    mut each: impl FnMut(&mut Tx<'_>, usize, &Prefix) -> Result<Transition, StoreError>,
+    plan: impl FnOnce(&mut Tx<'_>) -> Result<Vec<(Prefix, Op)>, StoreError>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<usize, ControlError> {
     expire(maps, store)?;
     let list = change.list;
-    let mut prefixes = Vec::new();
+    let mut ops = Vec::new();
     // The state before each change pushed to the kernel, in plan order: what an undo restores.
     let mut before: Vec<Option<Option<i64>>> = Vec::new();
     let mut bar = None;
     let result = store.write(|tx| {
-        prefixes = plan(tx)?;
-        bar = progress(prefixes.len());
+        ops = plan(tx)?;
+        bar = progress(ops.len());
         let mut kernel = maps.map(Maps::writer);
         if kernel.is_some() {
-            before.reserve_exact(prefixes.len());
+            before.reserve_exact(ops.len());
         }
-        for (i, prefix) in prefixes.iter().enumerate() {
+        for (n, chunk) in ops.chunks(CHUNK).enumerate() {
             if interrupted() {
                 return Err(ControlError::Interrupted);
             }
-            let t = each(tx, i, prefix)?;
+            let done = tx.apply(list, change.owner, change.comment, chunk)?;
             // Pushed even when the database did not change, so a kernel entry lost to an
             // earlier failure comes back.
             if let Some(w) = &mut kernel {
-                before.push(t.before);
-                push(w, list, prefix, t.after, t.before.is_none())?;
+                for ((prefix, _), t) in chunk.iter().zip(done) {
+                    before.push(t.before);
+                    push(w, list, prefix, t.after, t.before.is_none())?;
+                }
             }
-            if let Some(b) = &bar
-                && i % PROGRESS_STEP == 0
-            {
-                b.set_position(i as u64);
+            if let Some(b) = &bar {
+                b.set_position(((n + 1) * CHUNK).min(ops.len()) as u64);
             }
         }
         if let Some(w) = &mut kernel {
             w.flush()?;
         }
         tx.audit(change.actor, change.action, &change.detail)?;
-        Ok(prefixes.len())
+        Ok(ops.len())
     });
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     result.inspect_err(|_| {
         if let Some(maps) = maps {
-            undo(maps, list, &prefixes[..before.len()], &before);
+            let prefixes = ops[..before.len()].iter().map(|(p, _)| p);
+            undo(maps, list, prefixes, &before);
         }
     })
 }
 
-/// Entries between two updates of the progress bar.
-const PROGRESS_STEP: usize = 4096;
+/// Entries per trip to the database: large enough that the per-statement cost vanishes, small
+/// enough that an interruption is noticed within milliseconds.
+const CHUNK: usize = 4096;
 
 /// Make the kernel hold an entry's effective state (`None` = no owner left: remove it). `fresh`:
 /// the entry had no state before, so it has no hit counter to keep.
@@ -136,9 +140,14 @@ fn push(
 }
 
 /// Put back the state before each change, the last change first.
-fn undo(maps: &Maps, list: List, prefixes: &[Prefix], before: &[Option<Option<i64>>]) {
+fn undo<'a>(
+    maps: &Maps,
+    list: List,
+    prefixes: impl DoubleEndedIterator<Item = &'a Prefix> + ExactSizeIterator,
+    before: &[Option<Option<i64>>],
+) {
     let mut w = maps.writer();
-    for (prefix, before) in prefixes.iter().zip(before).rev() {
+    for (prefix, before) in prefixes.zip(before).rev() {
         if let Err(err) = push(&mut w, list, prefix, *before, false) {
             tracing::error!(%prefix, %err, "could not undo a kernel change; `apifilter attach` resyncs the kernel with the database");
         }
@@ -283,12 +292,17 @@ impl Control {
                 store,
                 Change {
                     list,
+                    owner,
+                    comment,
                     actor: owner,
                     action: verb(list, true),
                     detail,
                 },
-                |_| Ok(entries.iter().map(|(p, _)| *p).collect()),
-                |tx, i, p| tx.claim(list, p, owner, entries[i].1, comment),
+                |_| {
+                    Ok(distinct(
+                        entries.iter().map(|&(p, exp)| (p, Op::Claim(exp))),
+                    ))
+                },
                 &|| false,
             )
         })
@@ -308,12 +322,13 @@ impl Control {
                 store,
                 Change {
                     list,
+                    owner,
+                    comment: None,
                     actor: owner,
                     action: verb(list, false),
                     detail,
                 },
-                |_| Ok(prefixes.to_vec()),
-                |tx, _, p| tx.release(list, p, owner),
+                |_| Ok(distinct(prefixes.iter().map(|&p| (p, Op::Release)))),
                 &|| false,
             )
         })
@@ -334,13 +349,14 @@ impl Control {
         let now = unix_ms();
         let mut stats = Replaced::default();
         let want: HashMap<Prefix, Option<i64>> = desired.iter().copied().collect();
-        let todo: std::cell::RefCell<HashMap<Prefix, Option<Option<i64>>>> = Default::default();
         self.with(|store, maps| {
             apply(
                 maps,
                 store,
                 Change {
                     list,
+                    owner,
+                    comment: None,
                     actor: owner,
                     action: "replace",
                     detail: String::new(),
@@ -349,37 +365,31 @@ impl Control {
                     let held: HashMap<Prefix, Option<i64>> =
                         tx.read().owned_expiry(list, owner)?.into_iter().collect();
                     let mut plan = Vec::new();
-                    let mut todo = todo.borrow_mut();
                     for (p, &exp) in &want {
                         match held.get(p) {
                             None => {
                                 stats.added += 1;
-                                todo.insert(*p, Some(exp));
-                                plan.push(*p);
+                                plan.push((*p, Op::Claim(exp)));
                             }
                             Some(&have) if stale(have, exp, now) => {
                                 stats.refreshed += 1;
-                                todo.insert(*p, Some(exp));
-                                plan.push(*p);
+                                plan.push((*p, Op::Claim(exp)));
                             }
                             Some(_) => stats.kept += 1,
                         }
                     }
                     for p in held.keys().filter(|p| !want.contains_key(p)) {
                         stats.removed += 1;
-                        todo.insert(*p, None);
-                        plan.push(*p);
+                        plan.push((*p, Op::Release));
                     }
-                    // Adds and refreshes first, releases last.
-                    plan.sort_by_key(|p| todo[p].is_none());
+                    // Adds and refreshes first, releases last; each in the database's order,
+                    // which makes a big refresh one pass over its B-trees.
+                    crate::store::sort_as_stored(&mut plan, |(p, _)| *p);
+                    plan.sort_by_key(|(_, op)| *op == Op::Release);
                     if let Some((key, value)) = cursor {
                         tx.set_cursor(key, Some(value))?;
                     }
                     Ok(plan)
-                },
-                |tx, _, p| match todo.borrow()[p] {
-                    Some(exp) => tx.claim(list, p, owner, exp, None),
-                    None => tx.release(list, p, owner),
                 },
                 &|| false,
             )
@@ -423,6 +433,22 @@ impl Control {
     pub fn expire(&self) -> Result<usize, ControlError> {
         self.with(|store, maps| expire(maps, store))
     }
+}
+
+/// Each prefix once, where it first appears, with the last op given for it.
+fn distinct(ops: impl Iterator<Item = (Prefix, Op)>) -> Vec<(Prefix, Op)> {
+    let mut at: HashMap<Prefix, usize> = HashMap::new();
+    let mut out: Vec<(Prefix, Op)> = Vec::new();
+    for (p, op) in ops {
+        match at.get(&p) {
+            Some(&i) => out[i].1 = op,
+            None => {
+                at.insert(p, out.len());
+                out.push((p, op));
+            }
+        }
+    }
+    out
 }
 
 /// Whether a held expiry should be rewritten to `want`.
