@@ -15,7 +15,7 @@ use crate::{
     clock,
     loader::{LoaderError, PinDir},
     maps::{List, Maps, MapsError, Writer},
-    store::{Op, Store, StoreError, Tx, unix_ms},
+    store::{Op, Store, StoreError, Transition, Tx, unix_ms},
 };
 
 /// Why a change did not happen. Nothing was changed in any case.
@@ -79,32 +79,29 @@ pub fn apply(
     // The state before each change pushed to the kernel, in plan order: what an undo restores.
     let mut before: Vec<Option<Option<i64>>> = Vec::new();
     let mut bar = None;
+    let mut kernel: Option<Kernel<'_>> = None;
     let result = store.write(|tx| {
         ops = plan(tx)?;
         bar = progress(ops.len());
-        let mut kernel = maps.map(Maps::writer);
-        if kernel.is_some() {
-            before.reserve_exact(ops.len());
-        }
+        kernel = maps.map(|m| Kernel::start(m, list, ops.len() > CHUNK));
+        before.reserve_exact(ops.len());
         for (n, chunk) in ops.chunks(CHUNK).enumerate() {
             if interrupted() {
                 return Err(ControlError::Interrupted);
             }
             let done = tx.apply(list, change.owner, change.comment, chunk)?;
+            before.extend(done.iter().map(|t| t.before));
             // Pushed even when the database did not change, so a kernel entry lost to an
             // earlier failure comes back.
-            if let Some(w) = &mut kernel {
-                for ((prefix, _), t) in chunk.iter().zip(done) {
-                    before.push(t.before);
-                    push(w, list, prefix, t.after, t.before.is_none())?;
-                }
+            if let Some(k) = &mut kernel {
+                k.push(chunk, done)?;
             }
             if let Some(b) = &bar {
                 b.set_position(((n + 1) * CHUNK).min(ops.len()) as u64);
             }
         }
-        if let Some(w) = &mut kernel {
-            w.flush()?;
+        if let Some(k) = kernel.take() {
+            k.finish()?;
         }
         tx.audit(change.actor, change.action, &change.detail)?;
         Ok(ops.len())
@@ -113,11 +110,105 @@ pub fn apply(
         b.finish_and_clear();
     }
     result.inspect_err(|_| {
+        // A failure left the kernel writes half done: let them stop before undoing them all.
+        if let Some(k) = kernel.take() {
+            let _ = k.finish();
+        }
         if let Some(maps) = maps {
             let prefixes = ops[..before.len()].iter().map(|(p, _)| p);
             undo(maps, list, prefixes, &before);
         }
     })
+}
+
+/// Where the kernel writes of one [`apply`] go. A big plan's go to a thread of their own, so the
+/// kernel's work (a hash insert per entry) overlaps the database's instead of adding to it; a
+/// small plan's are made in place. Either way they reach the kernel in plan order, and
+/// [`Kernel::finish`] returns once all are made.
+enum Kernel<'m> {
+    Inline {
+        list: List,
+        writer: Writer<'m>,
+    },
+    Thread {
+        chunks: std::sync::mpsc::SyncSender<Vec<(Prefix, Transition)>>,
+        /// `None` once joined.
+        worker: Option<std::thread::JoinHandle<Result<(), ControlError>>>,
+    },
+}
+
+impl<'m> Kernel<'m> {
+    fn start(maps: &'m Maps, list: List, big: bool) -> Self {
+        if !big {
+            return Kernel::Inline {
+                list,
+                writer: maps.writer(),
+            };
+        }
+        // A few chunks in flight: enough to keep both sides busy, little memory.
+        let (chunks, rx) = std::sync::mpsc::sync_channel::<Vec<(Prefix, Transition)>>(4);
+        let pins = maps.pins().clone();
+        let worker = std::thread::spawn(move || {
+            // Map handles are not shared between threads: this one opens its own.
+            let maps = Maps::open(&pins)?;
+            let mut w = maps.writer();
+            for chunk in rx {
+                for (prefix, t) in chunk {
+                    push(&mut w, list, &prefix, t.after, t.before.is_none())?;
+                }
+            }
+            Ok(w.flush()?)
+        });
+        Kernel::Thread {
+            chunks,
+            worker: Some(worker),
+        }
+    }
+
+    /// Push a chunk's new states.
+    fn push(&mut self, chunk: &[(Prefix, Op)], done: Vec<Transition>) -> Result<(), ControlError> {
+        match self {
+            Kernel::Inline { list, writer } => {
+                for ((prefix, _), t) in chunk.iter().zip(done) {
+                    push(writer, *list, prefix, t.after, t.before.is_none())?;
+                }
+                Ok(())
+            }
+            Kernel::Thread { chunks, worker } => {
+                let msg = chunk.iter().map(|(p, _)| *p).zip(done).collect();
+                if chunks.send(msg).is_ok() {
+                    return Ok(());
+                }
+                // The thread stopped on an error: that is the command's error.
+                match worker.take().map(join) {
+                    Some(Err(err)) => Err(err),
+                    _ => Err(ControlError::Kernel(MapsError::Op {
+                        op: "write",
+                        what: "entries".into(),
+                        name: "kernel writer",
+                        reason: "stopped early".into(),
+                    })),
+                }
+            }
+        }
+    }
+
+    /// Wait until every change pushed is in the kernel.
+    fn finish(self) -> Result<(), ControlError> {
+        match self {
+            Kernel::Inline { mut writer, .. } => Ok(writer.flush()?),
+            Kernel::Thread { chunks, worker } => {
+                drop(chunks);
+                worker.map_or(Ok(()), join)
+            }
+        }
+    }
+}
+
+fn join(worker: std::thread::JoinHandle<Result<(), ControlError>>) -> Result<(), ControlError> {
+    worker
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Entries per trip to the database: large enough that the per-statement cost vanishes, small

@@ -159,6 +159,11 @@ impl Maps {
         })
     }
 
+    /// The pin dir the maps are opened from.
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
     fn raw(&self, name: &'static str) -> Result<MapData, MapsError> {
         let path = self.pins.map(name);
         MapData::from_pin(&path).map_err(|e| MapsError::Open {
