@@ -412,6 +412,33 @@ fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What makes a source hold exactly `listed` (sorted as stored, distinct), each claim with
+/// `expires`, when it holds `held`: claims for the entries it does not hold with that expiry, then
+/// releases for those it no longer lists. Entries it already holds as listed are left alone.
+fn replace_plan(
+    listed: Vec<Prefix>,
+    held: &mut [(Prefix, Option<i64>)],
+    expires: Option<i64>,
+) -> Vec<(Prefix, Op)> {
+    use crate::store::cmp_as_stored;
+    crate::store::sort_as_stored(held, |(p, _)| *p);
+    let mut plan = Vec::with_capacity(listed.len());
+    let mut stale = Vec::new();
+    let mut held = held.iter().peekable();
+    for p in listed {
+        while let Some((h, _)) = held.next_if(|(h, _)| cmp_as_stored(h, &p).is_lt()) {
+            stale.push((*h, Op::Release));
+        }
+        match held.next_if(|(h, _)| *h == p) {
+            Some((_, have)) if *have == expires => {}
+            _ => plan.push((p, Op::Claim(expires))),
+        }
+    }
+    stale.extend(held.map(|(h, _)| (*h, Op::Release)));
+    plan.extend(stale);
+    plan
+}
+
 /// The same op on each entry, each entry once.
 fn ops(entries: &[Prefix], op: Op) -> Vec<(Prefix, Op)> {
     let mut seen = std::collections::HashSet::new();
@@ -648,7 +675,8 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
         )
     })?;
     drop(text);
-    prefixes.sort_unstable();
+    // In the database's order: the writes walk its B-trees once instead of seeking per entry.
+    crate::store::sort_as_stored(&mut prefixes, |p| *p);
     prefixes.dedup();
     check_everything(&prefixes, args.force)?;
     let mut store = Store::open(state)?;
@@ -666,8 +694,7 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
         );
     }
     // Adds first, then releases, in one transaction: nothing the new list keeps blinks out, and a
-    // concurrent import of the same source waits for this one. The plan is the sorted list, then
-    // what the source no longer lists: the first `adds` entries are claims.
+    // concurrent import of the same source waits for this one.
     let adds = prefixes.len();
     let mut released = 0;
     apply(
@@ -675,23 +702,15 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
         &mut store,
         (List::Block, &source, None),
         |tx| {
-            let mut stale = Vec::new();
-            if args.replace {
-                stale = tx
-                    .read()
-                    .owned(List::Block, &source)?
+            if !args.replace {
+                return Ok(prefixes
                     .into_iter()
-                    .filter(|p| prefixes.binary_search(p).is_err())
-                    .collect();
-                released = stale.len();
+                    .map(|p| (p, Op::Claim(expires)))
+                    .collect());
             }
-            let mut plan = prefixes;
-            // In the database's order: one pass over its B-trees, not a seek per entry.
-            crate::store::sort_as_stored(&mut plan, |p| *p);
-            crate::store::sort_as_stored(&mut stale, |p| *p);
-            let mut plan: Vec<(Prefix, Op)> =
-                plan.into_iter().map(|p| (p, Op::Claim(expires))).collect();
-            plan.extend(stale.into_iter().map(|p| (p, Op::Release)));
+            let mut held = tx.read().owned_expiry(List::Block, &source)?;
+            let plan = replace_plan(prefixes, &mut held, expires);
+            released = plan.iter().filter(|(_, op)| *op == Op::Release).count();
             Ok(plan)
         },
         ("import", detail),
@@ -961,4 +980,40 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
     }
     print!("{t}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_plan_claims_what_changed_then_releases() {
+        let p = |s: &str| s.parse::<Prefix>().unwrap();
+        let mut listed = vec![
+            p("10.0.0.1"),
+            p("10.0.0.2"),
+            p("10.0.0.3"),
+            p("2001:db8::1"),
+        ];
+        crate::store::sort_as_stored(&mut listed, |p| *p);
+        let mut held = vec![
+            (p("10.0.0.9"), None),
+            (p("10.0.0.2"), None),
+            (p("10.0.0.3"), Some(5)),
+            (p("1.1.1.1"), None),
+            (p("2001:db8::1"), None),
+        ];
+        let plan = replace_plan(listed, &mut held, None);
+        assert_eq!(
+            plan,
+            vec![
+                // New, and held with another expiry; the unchanged ones are left alone.
+                (p("10.0.0.1"), Op::Claim(None)),
+                (p("10.0.0.3"), Op::Claim(None)),
+                // No longer listed, after every claim.
+                (p("1.1.1.1"), Op::Release),
+                (p("10.0.0.9"), Op::Release),
+            ]
+        );
+    }
 }

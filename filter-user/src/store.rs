@@ -150,6 +150,17 @@ pub fn sort_as_stored<T>(items: &mut [T], prefix: impl Fn(&T) -> Prefix) {
     items[v6..].sort_by_cached_key(|t| prefix(t).to_string());
 }
 
+/// The order of [`sort_as_stored`].
+pub fn cmp_as_stored(a: &Prefix, b: &Prefix) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    match (stored_order_v4(a), stored_order_v4(b)) {
+        (Some(a), Some(b)) => a.cmp(&b),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => PrefixText::new(a).as_str().cmp(PrefixText::new(b).as_str()),
+    }
+}
+
 /// The sort key of an IPv4 prefix's text; `None` for IPv6.
 fn stored_order_v4(p: &Prefix) -> Option<u64> {
     /// `RANK[n]`: the position of `n`'s decimal string among those of 0 to 255 in text order.
@@ -1022,6 +1033,11 @@ mod tests {
             .collect();
         assert_eq!(v6, ["2001:db8::/32", "2001:db8::1", "::1"]);
         assert!(prefixes[..prefixes.len() - 3].iter().all(Prefix::is_v4));
+        assert!(
+            prefixes
+                .windows(2)
+                .all(|w| cmp_as_stored(&w[0], &w[1]).is_lt())
+        );
     }
 
     #[test]
