@@ -500,16 +500,22 @@ impl Reader<'_> {
             .conn
             .prepare_cached("SELECT prefix, expires_at FROM entries WHERE list = ?1 AND owner = ?2")
             .map_err(self.db())?;
-        let rows: Vec<(String, Option<i64>)> = stmt
-            .query_map(params![list.as_str(), owner], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .map_err(self.db())?
-            .collect::<Result<_, _>>()
+        let mut rows = stmt
+            .query(params![list.as_str(), owner])
             .map_err(self.db())?;
-        rows.into_iter()
-            .map(|(p, e)| Ok((p.parse().map_err(|_| self.corrupt(&p))?, e)))
-            .collect()
+        // Parsed from SQLite's own buffer rather than copied into a `String` first: a source can
+        // hold a million entries.
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(self.db())? {
+            let text = row
+                .get_ref(0)
+                .map_err(self.db())?
+                .as_str()
+                .map_err(|_| self.corrupt("a prefix that is not text"))?;
+            let prefix = text.parse().map_err(|_| self.corrupt(text))?;
+            out.push((prefix, row.get(1).map_err(self.db())?));
+        }
+        Ok(out)
     }
 
     /// Every owner that holds at least one claim, with its claim count.
