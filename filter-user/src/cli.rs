@@ -240,7 +240,8 @@ pub struct ImportArgs {
     #[arg(long, value_parser = parse_ttl, value_name = "DURATION")]
     pub ttl: Option<std::time::Duration>,
     /// Make the source hold exactly this list: entries it no longer lists are released (after the
-    /// new ones are in, so nothing blinks out).
+    /// new ones are in, so nothing blinks out); entries it already holds with the same expiry are
+    /// left as they are, so refreshing a big list costs what changed.
     #[arg(long)]
     pub replace: bool,
     /// Accept /0 prefixes in the list, and prefixes covering an address an operator is

@@ -23,7 +23,7 @@ use crate::{
     loader::{self, AttachMode, Capacities, PinDir},
     maps::{List, Maps},
     stats,
-    store::{OWNER_CLI, RateLimit, Settings, Store, StoreError, unix_ms},
+    store::{OWNER_CLI, Op, RateLimit, Settings, Store, StoreError, unix_ms},
 };
 
 /// Run a parsed command line.
@@ -121,14 +121,13 @@ impl Drop for DeferSignals {
     }
 }
 
-/// Apply claims (or releases) as the CLI, in one transaction (see [`control::apply`]). SIGINT
-/// undoes what was pushed: the command changes nothing.
+/// Apply `owner`'s claims (or releases), in one transaction (see [`control::apply`]); the audit
+/// log names the CLI. SIGINT undoes what was pushed: the command changes nothing.
 fn apply(
     pins: &PinDir,
     store: &mut Store,
-    list: List,
-    plan: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<Vec<Prefix>, StoreError>,
-    change: impl FnMut(&mut crate::store::Tx<'_>, &Prefix) -> Result<Option<Option<i64>>, StoreError>,
+    (list, owner, comment): (List, &str, Option<&str>),
+    plan: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<Vec<(Prefix, Op)>, StoreError>,
     audit: (&str, String),
 ) -> anyhow::Result<usize> {
     let maps = loaded_maps(pins);
@@ -138,12 +137,13 @@ fn apply(
         store,
         Change {
             list,
+            owner,
+            comment,
             actor: OWNER_CLI,
             action: audit.0,
             detail: audit.1,
         },
         plan,
-        change,
         &|| signals.interrupted(),
     )?;
     if maps.is_none() {
@@ -402,12 +402,8 @@ fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
     apply(
         pins,
         &mut store,
-        List::Block,
-        |_| Ok(args.entries.clone()),
-        |tx, p| {
-            tx.claim(List::Block, p, OWNER_CLI, expires, comment)
-                .map(Some)
-        },
+        (List::Block, OWNER_CLI, comment),
+        |_| Ok(ops(&args.entries, Op::Claim(expires))),
         ("block", detail),
     )?;
     println!(
@@ -419,6 +415,43 @@ fn block(pins: &PinDir, state: &Path, args: BlockArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// What makes a source hold exactly `listed` (sorted as stored, distinct), each claim with
+/// `expires`, when it holds `held`: claims for the entries it does not hold with that expiry, then
+/// releases for those it no longer lists. Entries it already holds as listed are left alone.
+fn replace_plan(
+    listed: Vec<Prefix>,
+    held: &mut [(Prefix, Option<i64>)],
+    expires: Option<i64>,
+) -> Vec<(Prefix, Op)> {
+    use crate::store::cmp_as_stored;
+    crate::store::sort_as_stored(held, |(p, _)| *p);
+    let mut plan = Vec::with_capacity(listed.len());
+    let mut stale = Vec::new();
+    let mut held = held.iter().peekable();
+    for p in listed {
+        while let Some((h, _)) = held.next_if(|(h, _)| cmp_as_stored(h, &p).is_lt()) {
+            stale.push((*h, Op::Release));
+        }
+        match held.next_if(|(h, _)| *h == p) {
+            Some((_, have)) if *have == expires => {}
+            _ => plan.push((p, Op::Claim(expires))),
+        }
+    }
+    stale.extend(held.map(|(h, _)| (*h, Op::Release)));
+    plan.extend(stale);
+    plan
+}
+
+/// The same op on each entry, each entry once.
+fn ops(entries: &[Prefix], op: Op) -> Vec<(Prefix, Op)> {
+    let mut seen = std::collections::HashSet::new();
+    entries
+        .iter()
+        .filter(|p| seen.insert(**p))
+        .map(|p| (*p, op))
+        .collect()
 }
 
 fn describe(entries: &[Prefix], ttl: Option<Duration>, comment: Option<&str>) -> String {
@@ -496,9 +529,8 @@ fn release(
     apply(
         pins,
         &mut store,
-        list,
-        |_| Ok(entries.to_vec()),
-        |tx, p| tx.release(list, p, OWNER_CLI),
+        (list, OWNER_CLI, None),
+        |_| Ok(ops(entries, Op::Release)),
         (verb, describe(entries, None, None)),
     )?;
     let remaining = store.entries(Some(list))?;
@@ -527,12 +559,8 @@ fn allow(
     apply(
         pins,
         &mut store,
-        List::Allow,
-        |_| Ok(entries.to_vec()),
-        |tx, p| {
-            tx.claim(List::Allow, p, OWNER_CLI, None, comment.as_deref())
-                .map(Some)
-        },
+        (List::Allow, OWNER_CLI, comment.as_deref()),
+        |_| Ok(ops(entries, Op::Claim(None))),
         ("allow", detail),
     )?;
     println!(
@@ -651,7 +679,9 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
                 .join("\n  ")
         )
     })?;
-    prefixes.sort();
+    drop(text);
+    // In the database's order: the writes walk its B-trees once instead of seeking per entry.
+    crate::store::sort_as_stored(&mut prefixes, |p| *p);
     prefixes.dedup();
     check_everything(&prefixes, args.force)?;
     let mut store = Store::open(state)?;
@@ -670,38 +700,28 @@ fn import(pins: &PinDir, state: &Path, args: ImportArgs) -> anyhow::Result<()> {
     }
     // Adds first, then releases, in one transaction: nothing the new list keeps blinks out, and a
     // concurrent import of the same source waits for this one.
-    let keep: std::collections::HashSet<Prefix> = prefixes.iter().copied().collect();
+    let adds = prefixes.len();
     let mut released = 0;
     apply(
         pins,
         &mut store,
-        List::Block,
+        (List::Block, &source, None),
         |tx| {
-            let mut plan = prefixes.clone();
-            if args.replace {
-                let stale: Vec<Prefix> = tx
-                    .read()
-                    .owned(List::Block, &source)?
+            if !args.replace {
+                return Ok(prefixes
                     .into_iter()
-                    .filter(|p| !keep.contains(p))
-                    .collect();
-                released = stale.len();
-                plan.extend(stale);
+                    .map(|p| (p, Op::Claim(expires)))
+                    .collect());
             }
+            let mut held = tx.read().owned_expiry(List::Block, &source)?;
+            let plan = replace_plan(prefixes, &mut held, expires);
+            released = plan.iter().filter(|(_, op)| *op == Op::Release).count();
             Ok(plan)
-        },
-        |tx, p| {
-            if keep.contains(p) {
-                tx.claim(List::Block, p, &source, expires, None).map(Some)
-            } else {
-                tx.release(List::Block, p, &source)
-            }
         },
         ("import", detail),
     )?;
     println!(
-        "imported {} entries from {name} as source {source:?}{}",
-        prefixes.len(),
+        "imported {adds} entries from {name} as source {source:?}{}",
         if args.replace {
             format!("; released {released} it no longer lists")
         } else {
@@ -965,4 +985,40 @@ fn status(pins: &PinDir, state: &Path, json: bool) -> anyhow::Result<()> {
     }
     print!("{t}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replace_plan_claims_what_changed_then_releases() {
+        let p = |s: &str| s.parse::<Prefix>().unwrap();
+        let mut listed = vec![
+            p("10.0.0.1"),
+            p("10.0.0.2"),
+            p("10.0.0.3"),
+            p("2001:db8::1"),
+        ];
+        crate::store::sort_as_stored(&mut listed, |p| *p);
+        let mut held = vec![
+            (p("10.0.0.9"), None),
+            (p("10.0.0.2"), None),
+            (p("10.0.0.3"), Some(5)),
+            (p("1.1.1.1"), None),
+            (p("2001:db8::1"), None),
+        ];
+        let plan = replace_plan(listed, &mut held, None);
+        assert_eq!(
+            plan,
+            vec![
+                // New, and held with another expiry; the unchanged ones are left alone.
+                (p("10.0.0.1"), Op::Claim(None)),
+                (p("10.0.0.3"), Op::Claim(None)),
+                // No longer listed, after every claim.
+                (p("1.1.1.1"), Op::Release),
+                (p("10.0.0.9"), Op::Release),
+            ]
+        );
+    }
 }

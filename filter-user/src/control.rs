@@ -14,8 +14,8 @@ use crate::{
     cidr::Prefix,
     clock,
     loader::{LoaderError, PinDir},
-    maps::{List, Maps, MapsError},
-    store::{Store, StoreError, Tx, unix_ms},
+    maps::{List, Maps, MapsError, Writer},
+    store::{Op, Store, StoreError, Transition, Tx, unix_ms},
 };
 
 /// Why a change did not happen. Nothing was changed in any case.
@@ -43,23 +43,14 @@ pub fn kernel_expiry(expires_at_ms: Option<i64>) -> u64 {
     }
 }
 
-/// Make the kernel hold an entry's effective state (`None` = no owner left: remove it).
-pub fn push(
-    maps: &Maps,
-    list: List,
-    prefix: &Prefix,
-    effective: Option<Option<i64>>,
-) -> Result<(), MapsError> {
-    match effective {
-        None => maps.remove(list, prefix),
-        Some(exp) => maps.upsert(list, prefix, kernel_expiry(exp)),
-    }
-}
-
 /// One change to apply with [`apply`].
 pub struct Change<'a> {
     /// The list it changes.
     pub list: List,
+    /// Whose claims it adds or drops.
+    pub owner: &'a str,
+    /// The comment a claim gets (`None` keeps the one stored).
+    pub comment: Option<&'a str>,
     /// Who makes it, for the audit log.
     pub actor: &'a str,
     /// Audit action (`block`, `import`, `feed`, ...).
@@ -69,59 +60,191 @@ pub struct Change<'a> {
 }
 
 /// Apply claims or releases in one transaction, pushing each entry's new state to the kernel (when
-/// it is loaded). `plan` lists the prefixes to change, read inside the transaction; `change`
-/// changes one and returns its new effective state. On any failure, or when `interrupted` says so,
-/// the kernel entries already pushed go back to their previous state and the transaction rolls
-/// back. Returns how many prefixes the plan held.
+/// it is loaded). `plan` lists the prefixes to change and how, read inside the transaction. On
+/// any failure, or when `interrupted` says so, the kernel entries already pushed go back to their
+/// previous state and the transaction rolls back. Returns how many prefixes the plan held.
+///
+/// The plan goes through the database in chunks (see [`Tx::apply`]) and to the kernel in plan
+/// order, runs of new exact hosts in batches (see [`Writer`]), all before the transaction commits.
 pub fn apply(
     maps: Option<&Maps>,
     store: &mut Store,
     change: Change<'_>,
-    plan: impl FnOnce(&mut Tx<'_>) -> Result<Vec<Prefix>, StoreError>,
-    mut each: impl FnMut(&mut Tx<'_>, &Prefix) -> Result<Option<Option<i64>>, StoreError>,
+    plan: impl FnOnce(&mut Tx<'_>) -> Result<Vec<(Prefix, Op)>, StoreError>,
     interrupted: &dyn Fn() -> bool,
 ) -> Result<usize, ControlError> {
     expire(maps, store)?;
     let list = change.list;
-    let mut pushed: Vec<(Prefix, Option<Option<i64>>)> = Vec::new();
+    let mut ops = Vec::new();
+    // The state before each change pushed to the kernel, in plan order: what an undo restores.
+    let mut before: Vec<Option<Option<i64>>> = Vec::new();
     let mut bar = None;
+    let mut kernel: Option<Kernel<'_>> = None;
     let result = store.write(|tx| {
-        let prefixes = plan(tx)?;
-        bar = progress(prefixes.len());
-        for prefix in &prefixes {
+        ops = plan(tx)?;
+        bar = progress(ops.len());
+        kernel = maps.map(|m| Kernel::start(m, list, ops.len() > CHUNK));
+        before.reserve_exact(ops.len());
+        for (n, chunk) in ops.chunks(CHUNK).enumerate() {
             if interrupted() {
                 return Err(ControlError::Interrupted);
             }
-            let before = tx.effective(list, prefix)?;
-            let after = each(tx, prefix)?;
+            let done = tx.apply(list, change.owner, change.comment, chunk)?;
+            before.extend(done.iter().map(|t| t.before));
             // Pushed even when the database did not change, so a kernel entry lost to an
             // earlier failure comes back.
-            if let Some(maps) = maps {
-                pushed.push((*prefix, before));
-                push(maps, list, prefix, after)?;
+            if let Some(k) = &mut kernel {
+                k.push(chunk, done)?;
             }
             if let Some(b) = &bar {
-                b.inc(1);
+                b.set_position(((n + 1) * CHUNK).min(ops.len()) as u64);
             }
         }
+        if let Some(k) = kernel.take() {
+            k.finish()?;
+        }
         tx.audit(change.actor, change.action, &change.detail)?;
-        Ok(prefixes.len())
+        Ok(ops.len())
     });
     if let Some(b) = bar {
         b.finish_and_clear();
     }
     result.inspect_err(|_| {
+        // A failure left the kernel writes half done: let them stop before undoing them all.
+        if let Some(k) = kernel.take() {
+            let _ = k.finish();
+        }
         if let Some(maps) = maps {
-            undo(maps, list, &pushed);
+            let prefixes = ops[..before.len()].iter().map(|(p, _)| p);
+            undo(maps, list, prefixes, &before);
         }
     })
 }
 
-fn undo(maps: &Maps, list: List, pushed: &[(Prefix, Option<Option<i64>>)]) {
-    for (prefix, before) in pushed.iter().rev() {
-        if let Err(err) = push(maps, list, prefix, *before) {
+/// Where the kernel writes of one [`apply`] go. A big plan's go to a thread of their own, so the
+/// kernel's work (a hash insert per entry) overlaps the database's instead of adding to it; a
+/// small plan's are made in place. Either way they reach the kernel in plan order, and
+/// [`Kernel::finish`] returns once all are made.
+enum Kernel<'m> {
+    Inline {
+        list: List,
+        writer: Writer<'m>,
+    },
+    Thread {
+        chunks: std::sync::mpsc::SyncSender<Vec<(Prefix, Transition)>>,
+        /// `None` once joined.
+        worker: Option<std::thread::JoinHandle<Result<(), ControlError>>>,
+    },
+}
+
+impl<'m> Kernel<'m> {
+    fn start(maps: &'m Maps, list: List, big: bool) -> Self {
+        if !big {
+            return Kernel::Inline {
+                list,
+                writer: maps.writer(),
+            };
+        }
+        // A few chunks in flight: enough to keep both sides busy, little memory.
+        let (chunks, rx) = std::sync::mpsc::sync_channel::<Vec<(Prefix, Transition)>>(4);
+        let pins = maps.pins().clone();
+        let worker = std::thread::spawn(move || {
+            // Map handles are not shared between threads: this one opens its own.
+            let maps = Maps::open(&pins)?;
+            let mut w = maps.writer();
+            for chunk in rx {
+                for (prefix, t) in chunk {
+                    push(&mut w, list, &prefix, t.after, t.before.is_none())?;
+                }
+            }
+            Ok(w.flush()?)
+        });
+        Kernel::Thread {
+            chunks,
+            worker: Some(worker),
+        }
+    }
+
+    /// Push a chunk's new states.
+    fn push(&mut self, chunk: &[(Prefix, Op)], done: Vec<Transition>) -> Result<(), ControlError> {
+        match self {
+            Kernel::Inline { list, writer } => {
+                for ((prefix, _), t) in chunk.iter().zip(done) {
+                    push(writer, *list, prefix, t.after, t.before.is_none())?;
+                }
+                Ok(())
+            }
+            Kernel::Thread { chunks, worker } => {
+                let msg = chunk.iter().map(|(p, _)| *p).zip(done).collect();
+                if chunks.send(msg).is_ok() {
+                    return Ok(());
+                }
+                // The thread stopped on an error: that is the command's error.
+                match worker.take().map(join) {
+                    Some(Err(err)) => Err(err),
+                    _ => Err(ControlError::Kernel(MapsError::Op {
+                        op: "write",
+                        what: "entries".into(),
+                        name: "kernel writer",
+                        reason: "stopped early".into(),
+                    })),
+                }
+            }
+        }
+    }
+
+    /// Wait until every change pushed is in the kernel.
+    fn finish(self) -> Result<(), ControlError> {
+        match self {
+            Kernel::Inline { mut writer, .. } => Ok(writer.flush()?),
+            Kernel::Thread { chunks, worker } => {
+                drop(chunks);
+                worker.map_or(Ok(()), join)
+            }
+        }
+    }
+}
+
+fn join(worker: std::thread::JoinHandle<Result<(), ControlError>>) -> Result<(), ControlError> {
+    worker
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Entries per trip to the database: large enough that the per-statement cost vanishes, small
+/// enough that an interruption is noticed within milliseconds.
+const CHUNK: usize = 4096;
+
+/// Make the kernel hold an entry's effective state (`None` = no owner left: remove it). `fresh`:
+/// the entry had no state before, so it has no hit counter to keep.
+fn push(
+    w: &mut Writer<'_>,
+    list: List,
+    prefix: &Prefix,
+    effective: Option<Option<i64>>,
+    fresh: bool,
+) -> Result<(), MapsError> {
+    match effective {
+        None => w.remove(list, prefix),
+        Some(exp) => w.upsert(list, prefix, kernel_expiry(exp), fresh),
+    }
+}
+
+/// Put back the state before each change, the last change first.
+fn undo<'a>(
+    maps: &Maps,
+    list: List,
+    prefixes: impl DoubleEndedIterator<Item = &'a Prefix> + ExactSizeIterator,
+    before: &[Option<Option<i64>>],
+) {
+    let mut w = maps.writer();
+    for (prefix, before) in prefixes.zip(before).rev() {
+        if let Err(err) = push(&mut w, list, prefix, *before, false) {
             tracing::error!(%prefix, %err, "could not undo a kernel change; `apifilter attach` resyncs the kernel with the database");
         }
+    }
+    if let Err(err) = w.flush() {
+        tracing::error!(%err, "could not undo a kernel change; `apifilter attach` resyncs the kernel with the database");
     }
 }
 
@@ -130,11 +253,15 @@ fn undo(maps: &Maps, list: List, pushed: &[(Prefix, Option<Option<i64>>)]) {
 pub fn expire(maps: Option<&Maps>, store: &mut Store) -> Result<usize, ControlError> {
     store.write(|tx| {
         let gone = tx.purge_expired(unix_ms())?;
+        let mut kernel = maps.map(Maps::writer);
         for (list, prefix) in &gone {
             let effective = tx.effective(*list, prefix)?;
-            if let Some(maps) = maps {
-                push(maps, *list, prefix, effective)?;
+            if let Some(w) = &mut kernel {
+                push(w, *list, prefix, effective, false)?;
             }
+        }
+        if let Some(w) = &mut kernel {
+            w.flush()?;
         }
         Ok(gone.len())
     })
@@ -249,7 +376,6 @@ impl Control {
         entries: &[(Prefix, Option<i64>)],
         comment: Option<&str>,
     ) -> Result<usize, ControlError> {
-        let by_prefix: HashMap<Prefix, Option<i64>> = entries.iter().copied().collect();
         let detail = describe(entries.iter().map(|(p, _)| p), comment);
         self.with(|store, maps| {
             apply(
@@ -257,12 +383,17 @@ impl Control {
                 store,
                 Change {
                     list,
+                    owner,
+                    comment,
                     actor: owner,
                     action: verb(list, true),
                     detail,
                 },
-                |_| Ok(entries.iter().map(|(p, _)| *p).collect()),
-                |tx, p| tx.claim(list, p, owner, by_prefix[p], comment).map(Some),
+                |_| {
+                    Ok(distinct(
+                        entries.iter().map(|&(p, exp)| (p, Op::Claim(exp))),
+                    ))
+                },
                 &|| false,
             )
         })
@@ -282,12 +413,13 @@ impl Control {
                 store,
                 Change {
                     list,
+                    owner,
+                    comment: None,
                     actor: owner,
                     action: verb(list, false),
                     detail,
                 },
-                |_| Ok(prefixes.to_vec()),
-                |tx, p| tx.release(list, p, owner),
+                |_| Ok(distinct(prefixes.iter().map(|&p| (p, Op::Release)))),
                 &|| false,
             )
         })
@@ -308,13 +440,14 @@ impl Control {
         let now = unix_ms();
         let mut stats = Replaced::default();
         let want: HashMap<Prefix, Option<i64>> = desired.iter().copied().collect();
-        let todo: std::cell::RefCell<HashMap<Prefix, Option<Option<i64>>>> = Default::default();
         self.with(|store, maps| {
             apply(
                 maps,
                 store,
                 Change {
                     list,
+                    owner,
+                    comment: None,
                     actor: owner,
                     action: "replace",
                     detail: String::new(),
@@ -323,37 +456,31 @@ impl Control {
                     let held: HashMap<Prefix, Option<i64>> =
                         tx.read().owned_expiry(list, owner)?.into_iter().collect();
                     let mut plan = Vec::new();
-                    let mut todo = todo.borrow_mut();
                     for (p, &exp) in &want {
                         match held.get(p) {
                             None => {
                                 stats.added += 1;
-                                todo.insert(*p, Some(exp));
-                                plan.push(*p);
+                                plan.push((*p, Op::Claim(exp)));
                             }
                             Some(&have) if stale(have, exp, now) => {
                                 stats.refreshed += 1;
-                                todo.insert(*p, Some(exp));
-                                plan.push(*p);
+                                plan.push((*p, Op::Claim(exp)));
                             }
                             Some(_) => stats.kept += 1,
                         }
                     }
                     for p in held.keys().filter(|p| !want.contains_key(p)) {
                         stats.removed += 1;
-                        todo.insert(*p, None);
-                        plan.push(*p);
+                        plan.push((*p, Op::Release));
                     }
-                    // Adds and refreshes first, releases last.
-                    plan.sort_by_key(|p| todo[p].is_none());
+                    // Adds and refreshes first, releases last; each in the database's order,
+                    // which makes a big refresh one pass over its B-trees.
+                    crate::store::sort_as_stored(&mut plan, |(p, _)| *p);
+                    plan.sort_by_key(|(_, op)| *op == Op::Release);
                     if let Some((key, value)) = cursor {
                         tx.set_cursor(key, Some(value))?;
                     }
                     Ok(plan)
-                },
-                |tx, p| match todo.borrow()[p] {
-                    Some(exp) => tx.claim(list, p, owner, exp, None).map(Some),
-                    None => tx.release(list, p, owner),
                 },
                 &|| false,
             )
@@ -397,6 +524,22 @@ impl Control {
     pub fn expire(&self) -> Result<usize, ControlError> {
         self.with(|store, maps| expire(maps, store))
     }
+}
+
+/// Each prefix once, where it first appears, with the last op given for it.
+fn distinct(ops: impl Iterator<Item = (Prefix, Op)>) -> Vec<(Prefix, Op)> {
+    let mut at: HashMap<Prefix, usize> = HashMap::new();
+    let mut out: Vec<(Prefix, Op)> = Vec::new();
+    for (p, op) in ops {
+        match at.get(&p) {
+            Some(&i) => out[i].1 = op,
+            None => {
+                at.insert(p, out.len());
+                out.push((p, op));
+            }
+        }
+    }
+    out
 }
 
 /// Whether a held expiry should be rewritten to `want`.

@@ -122,7 +122,12 @@ pub struct KernelEntry {
 /// Handles on the pinned maps, each opened on first use and kept for the life of the value.
 pub struct Maps {
     pins: PinDir,
-    open: std::cell::RefCell<std::collections::HashMap<&'static str, Map>>,
+    /// Open maps by name. A handful at most, looked up on every write: a linear scan of a short
+    /// list beats hashing the name.
+    open: std::cell::RefCell<Vec<(&'static str, Map)>>,
+    /// Capacities already read. A map's size is fixed when it is created, and a handle keeps its
+    /// map, so the value stays right for as long as the handle does.
+    capacities: std::cell::RefCell<Vec<(&'static str, u32)>>,
 }
 
 fn v4(a: IpAddr) -> [u8; 4] {
@@ -150,7 +155,13 @@ impl Maps {
         Ok(Self {
             pins: pins.clone(),
             open: Default::default(),
+            capacities: Default::default(),
         })
+    }
+
+    /// The pin dir the maps are opened from.
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
     }
 
     fn raw(&self, name: &'static str) -> Result<MapData, MapsError> {
@@ -175,18 +186,20 @@ impl Maps {
     /// A map, opened once. Callers hold at most one at a time.
     fn map(&self, name: &'static str) -> Result<std::cell::RefMut<'_, Map>, MapsError> {
         let mut open = self.open.borrow_mut();
-        if !open.contains_key(name) {
-            let data = self.raw(name)?;
-            let map = Map::from_map_data(data).map_err(|e| MapsError::Open {
-                name,
-                path: self.pins.map(name).display().to_string(),
-                reason: e.to_string(),
-            })?;
-            open.insert(name, map);
-        }
-        Ok(std::cell::RefMut::map(open, |o| {
-            o.get_mut(name).expect("inserted above")
-        }))
+        let i = match open.iter().position(|(n, _)| *n == name) {
+            Some(i) => i,
+            None => {
+                let data = self.raw(name)?;
+                let map = Map::from_map_data(data).map_err(|e| MapsError::Open {
+                    name,
+                    path: self.pins.map(name).display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                open.push((name, map));
+                open.len() - 1
+            }
+        };
+        Ok(std::cell::RefMut::map(open, |o| &mut o[i].1))
     }
 
     /// One value of an array map.
@@ -216,11 +229,17 @@ impl Maps {
         if name == m::MAP_NET24_V4 {
             return Ok(self.capacity(m::MAP_NET_RULES_V4)?.saturating_sub(1));
         }
+        if let Some((_, cap)) = self.capacities.borrow().iter().find(|(n, _)| *n == name) {
+            return Ok(*cap);
+        }
         let info = self.raw(name)?.info().map_err(|e| MapsError::Open {
             name,
             path: self.pins.map(name).display().to_string(),
             reason: e.to_string(),
         })?;
+        self.capacities
+            .borrow_mut()
+            .push((name, info.max_entries()));
         Ok(info.max_entries())
     }
 
@@ -265,101 +284,151 @@ impl Maps {
 
     /// Insert or replace an entry's expiry, keeping its hit counter.
     pub fn upsert(&self, list: List, prefix: &Prefix, expires_ns: u64) -> Result<(), MapsError> {
-        let table = table_for(list, prefix);
-        let flag = has_flag(table);
-        // The kernel skips lookups in tables marked empty: mark before the first insert.
-        if self.config()?.flags & flag == 0 {
-            self.update_config(|c| c.flags |= flag)?;
+        let mut w = self.writer();
+        w.upsert(list, prefix, expires_ns, false)?;
+        w.flush()
+    }
+
+    /// Remove an entry (absent is fine).
+    pub fn remove(&self, list: List, prefix: &Prefix) -> Result<(), MapsError> {
+        let mut w = self.writer();
+        w.remove(list, prefix)?;
+        w.flush()
+    }
+
+    /// A [`Writer`] for a run of changes made under one lock of the state database.
+    pub fn writer(&self) -> Writer<'_> {
+        Writer {
+            maps: self,
+            flags: 0,
+            queue: Queue::default(),
         }
-        let what = prefix.to_string();
+    }
+
+    /// Write one entry now. `fresh`: the entry had no previous state, so there is no hit counter
+    /// to carry over and no need to read it.
+    fn upsert_now(
+        &self,
+        table: &'static str,
+        list: List,
+        prefix: &Prefix,
+        expires_ns: u64,
+        fresh: bool,
+    ) -> Result<(), MapsError> {
         if table == m::MAP_NET24_V4 {
             return self.net24_upsert(prefix, expires_ns);
         }
         let mut guard = self.map(table)?;
         let map = &mut *guard;
-        let full = |e: &MapError| matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(libc::E2BIG) || s.io_error.raw_os_error() == Some(libc::ENOSPC) || s.io_error.raw_os_error() == Some(libc::ENOMEM));
+        let what = || prefix.to_string();
         let res = if prefix.is_host() && list == List::Block {
             if prefix.is_v4() {
                 let mut h: HashMap<_, [u8; 4], RuleValue> =
-                    HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                    HashMap::try_from(map).map_err(op_err("open", what(), table))?;
                 let k = v4(prefix.addr());
-                let hits = h.get(&k, 0).map(|v| v.hits).unwrap_or(0);
+                let hits = if fresh {
+                    0
+                } else {
+                    h.get(&k, 0).map(|v| v.hits).unwrap_or(0)
+                };
                 h.insert(k, RuleValue { expires_ns, hits }, 0)
             } else {
                 let mut h: HashMap<_, [u8; 16], RuleValue> =
-                    HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                    HashMap::try_from(map).map_err(op_err("open", what(), table))?;
                 let k = v6(prefix.addr());
-                let hits = h.get(&k, 0).map(|v| v.hits).unwrap_or(0);
+                let hits = if fresh {
+                    0
+                } else {
+                    h.get(&k, 0).map(|v| v.hits).unwrap_or(0)
+                };
                 h.insert(k, RuleValue { expires_ns, hits }, 0)
             }
         } else if prefix.is_v4() {
             let mut t: LpmTrie<_, [u8; 4], PrefixRule> =
-                LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+                LpmTrie::try_from(map).map_err(op_err("open", what(), table))?;
             let k = Key::new(u32::from(prefix.len()), v4(prefix.addr()));
-            let hits = t.get(&k, 0).map(|v| v.rule.hits).unwrap_or(0);
+            let hits = if fresh {
+                0
+            } else {
+                t.get(&k, 0).map(|v| v.rule.hits).unwrap_or(0)
+            };
             t.insert(&k, prefix_rule(prefix, expires_ns, hits), 0)
         } else {
             let mut t: LpmTrie<_, [u8; 16], PrefixRule> =
-                LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+                LpmTrie::try_from(map).map_err(op_err("open", what(), table))?;
             let k = Key::new(u32::from(prefix.len()), v6(prefix.addr()));
-            let hits = t.get(&k, 0).map(|v| v.rule.hits).unwrap_or(0);
+            let hits = if fresh {
+                0
+            } else {
+                t.get(&k, 0).map(|v| v.rule.hits).unwrap_or(0)
+            };
             t.insert(&k, prefix_rule(prefix, expires_ns, hits), 0)
         };
+        drop(guard);
         match res {
             Ok(()) => Ok(()),
-            Err(e) if full(&e) => Err(MapsError::Full {
+            Err(MapError::SyscallError(s)) if is_full(&s.io_error) => Err(MapsError::Full {
                 name: table,
                 max: self.capacity(table)?,
-                what,
+                what: what(),
             }),
-            Err(e) => Err(op_err("insert", &what, table)(e)),
+            Err(e) => Err(op_err("insert", what(), table)(e)),
         }
     }
 
-    /// Remove an entry (absent is fine).
-    pub fn remove(&self, list: List, prefix: &Prefix) -> Result<(), MapsError> {
-        let table = table_for(list, prefix);
-        let what = prefix.to_string();
+    /// Remove one entry now (absent is fine). Does not touch the table's flag.
+    fn remove_now(
+        &self,
+        table: &'static str,
+        list: List,
+        prefix: &Prefix,
+    ) -> Result<(), MapsError> {
         if table == m::MAP_NET24_V4 {
-            self.net24_remove(prefix)?;
-            if self.table_is_empty(table)? {
-                self.update_config(|c| c.flags &= !m::CFG_HAS_NET24_V4)?;
-            }
-            return Ok(());
+            return self.net24_remove(prefix);
         }
+        let what = || prefix.to_string();
         let mut guard = self.map(table)?;
         let map = &mut *guard;
         let res = if prefix.is_host() && list == List::Block {
             if prefix.is_v4() {
                 let mut h: HashMap<_, [u8; 4], RuleValue> =
-                    HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                    HashMap::try_from(map).map_err(op_err("open", what(), table))?;
                 h.remove(&v4(prefix.addr()))
             } else {
                 let mut h: HashMap<_, [u8; 16], RuleValue> =
-                    HashMap::try_from(map).map_err(op_err("open", &what, table))?;
+                    HashMap::try_from(map).map_err(op_err("open", what(), table))?;
                 h.remove(&v6(prefix.addr()))
             }
         } else if prefix.is_v4() {
             let mut t: LpmTrie<_, [u8; 4], PrefixRule> =
-                LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+                LpmTrie::try_from(map).map_err(op_err("open", what(), table))?;
             t.remove(&Key::new(u32::from(prefix.len()), v4(prefix.addr())))
         } else {
             let mut t: LpmTrie<_, [u8; 16], PrefixRule> =
-                LpmTrie::try_from(map).map_err(op_err("open", &what, table))?;
+                LpmTrie::try_from(map).map_err(op_err("open", what(), table))?;
             t.remove(&Key::new(u32::from(prefix.len()), v6(prefix.addr())))
         };
         match res {
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => return Err(op_err("remove", &what, table)(e)),
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(MapError::SyscallError(s)) if s.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(op_err("remove", what(), table)(e)),
         }
-        drop(guard);
-        // Let the kernel skip this table again once it is empty.
-        if self.table_is_empty(table)? {
-            let flag = has_flag(table);
-            self.update_config(|c| c.flags &= !flag)?;
+    }
+
+    /// The raw descriptor of an open hash map, for the batch commands aya does not wrap.
+    fn hash_fd(&self, table: &'static str) -> Result<std::os::fd::RawFd, MapsError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        match &*self.map(table)? {
+            Map::HashMap(data) => Ok(data.fd().as_fd().as_raw_fd()),
+            _ => Err(MapsError::Op {
+                op: "batch",
+                what: "entries".into(),
+                name: table,
+                reason: "not a hash map".into(),
+            }),
         }
-        Ok(())
     }
 
     /// True when a rule table holds nothing.
@@ -907,4 +976,247 @@ fn op_err(
         name,
         reason: e.to_string(),
     }
+}
+
+/// A full table: the kernel says `E2BIG` (hash and trie at capacity), `ENOSPC` or `ENOMEM`.
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM)
+    )
+}
+
+/// How many exact hosts one batch command carries. Big enough that the syscall cost vanishes,
+/// small enough that a batch stays in cache (a v6 batch is 24 bytes an entry).
+const BATCH: usize = 8192;
+
+/// The kernel writes of one command, made in the order they are asked for. Runs of new exact
+/// hosts and of exact-host removals go to the kernel as batch commands (`BPF_MAP_UPDATE_BATCH`,
+/// `BPF_MAP_DELETE_BATCH`); everything else goes at once. A queued run is sent before any other
+/// kind of write, so the kernel sees the writes in order (adds before releases), and
+/// [`Writer::flush`] sends the rest. A writer lives no longer than one lock of the state
+/// database: it remembers which tables it already marked non-empty in `CONFIG`, which is only
+/// right while no other command runs.
+pub struct Writer<'a> {
+    maps: &'a Maps,
+    /// `CFG_HAS_*` flags this writer knows are set.
+    flags: u32,
+    queue: Queue,
+}
+
+/// Queued exact-host writes for one table: keys back to back, and the values for an update.
+#[derive(Default)]
+struct Queue {
+    table: &'static str,
+    remove: bool,
+    key_size: usize,
+    keys: Vec<u8>,
+    values: Vec<RuleValue>,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.keys.len().checked_div(self.key_size).unwrap_or(0)
+    }
+
+    /// The `i`th key as the entry it stands for, for error messages.
+    fn entry(&self, i: usize) -> String {
+        let Some(k) = self.keys.get(i * self.key_size..(i + 1) * self.key_size) else {
+            return format!("{} entries", self.len());
+        };
+        match <[u8; 4]>::try_from(k) {
+            Ok(a) => IpAddr::from(a).to_string(),
+            Err(_) => IpAddr::from(<[u8; 16]>::try_from(k).unwrap_or([0; 16])).to_string(),
+        }
+    }
+}
+
+impl Writer<'_> {
+    /// Make the kernel hold `prefix` with this expiry, keeping its hit counter. `fresh`: the
+    /// entry had no previous state, so there is no counter to keep (a stale kernel entry left by
+    /// a failed command starts again from zero).
+    pub fn upsert(
+        &mut self,
+        list: List,
+        prefix: &Prefix,
+        expires_ns: u64,
+        fresh: bool,
+    ) -> Result<(), MapsError> {
+        let table = table_for(list, prefix);
+        self.mark(table)?;
+        if fresh && list == List::Block && prefix.is_host() {
+            self.enqueue(table, false, prefix)?;
+            self.queue.values.push(RuleValue {
+                expires_ns,
+                hits: 0,
+            });
+            return self.flush_if_full();
+        }
+        self.flush()?;
+        self.maps.upsert_now(table, list, prefix, expires_ns, fresh)
+    }
+
+    /// Remove `prefix` from the kernel (absent is fine).
+    pub fn remove(&mut self, list: List, prefix: &Prefix) -> Result<(), MapsError> {
+        let table = table_for(list, prefix);
+        if list == List::Block && prefix.is_host() {
+            self.enqueue(table, true, prefix)?;
+            return self.flush_if_full();
+        }
+        self.flush()?;
+        self.maps.remove_now(table, list, prefix)?;
+        self.unmark_if_empty(table)
+    }
+
+    /// Send what is queued.
+    pub fn flush(&mut self) -> Result<(), MapsError> {
+        let q = std::mem::take(&mut self.queue);
+        let n = q.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let fd = self.maps.hash_fd(q.table)?;
+        let mut done = 0;
+        while done < n {
+            let keys = q.keys[done * q.key_size..].as_ptr();
+            let (cmd, values) = if q.remove {
+                (BPF_MAP_DELETE_BATCH, std::ptr::null())
+            } else {
+                (BPF_MAP_UPDATE_BATCH, q.values[done..].as_ptr())
+            };
+            let (sent, res) = map_batch(cmd, fd, keys, values.cast(), n - done);
+            done += sent;
+            match res {
+                Ok(()) => {}
+                // Removing an entry that is not there is fine: step over it.
+                Err(e) if q.remove && e.raw_os_error() == Some(libc::ENOENT) => done += 1,
+                Err(e) if !q.remove && is_full(&e) => {
+                    return Err(MapsError::Full {
+                        name: q.table,
+                        max: self.maps.capacity(q.table)?,
+                        what: q.entry(done),
+                    });
+                }
+                Err(e) => {
+                    return Err(MapsError::Op {
+                        op: if q.remove { "remove" } else { "insert" },
+                        what: q.entry(done),
+                        name: q.table,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        if q.remove {
+            self.unmark_if_empty(q.table)?;
+        }
+        Ok(())
+    }
+
+    fn enqueue(
+        &mut self,
+        table: &'static str,
+        remove: bool,
+        prefix: &Prefix,
+    ) -> Result<(), MapsError> {
+        let q = &self.queue;
+        if q.len() > 0 && (q.table != table || q.remove != remove) {
+            // Another run is queued: it goes first.
+            self.flush()?;
+        }
+        let q = &mut self.queue;
+        q.table = table;
+        q.remove = remove;
+        match prefix.addr() {
+            IpAddr::V4(a) => {
+                q.key_size = 4;
+                q.keys.extend_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                q.key_size = 16;
+                q.keys.extend_from_slice(&a.octets());
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_if_full(&mut self) -> Result<(), MapsError> {
+        if self.queue.len() >= BATCH {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// The kernel skips lookups in tables marked empty: mark before the first insert.
+    fn mark(&mut self, table: &'static str) -> Result<(), MapsError> {
+        let flag = has_flag(table);
+        if self.flags & flag == 0 {
+            if self.maps.config()?.flags & flag == 0 {
+                self.maps.update_config(|c| c.flags |= flag)?;
+            }
+            self.flags |= flag;
+        }
+        Ok(())
+    }
+
+    /// Let the kernel skip a table again once it is empty.
+    fn unmark_if_empty(&mut self, table: &'static str) -> Result<(), MapsError> {
+        if self.maps.table_is_empty(table)? {
+            let flag = has_flag(table);
+            self.maps.update_config(|c| c.flags &= !flag)?;
+            self.flags &= !flag;
+        }
+        Ok(())
+    }
+}
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of the kernel's `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// One batch command over `count` keys (and values, for an update). Returns how many entries
+/// the kernel processed, and why it stopped short if it did.
+fn map_batch(
+    cmd: libc::c_long,
+    fd: std::os::fd::RawFd,
+    keys: *const u8,
+    values: *const u8,
+    count: usize,
+) -> (usize, std::io::Result<()>) {
+    let mut attr = BatchAttr {
+        keys: keys as u64,
+        values: values as u64,
+        count: count as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: `attr` points at `count` keys (and values) that outlive the call; the kernel reads
+    // them and writes back only `attr.count`.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    let res = if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    };
+    ((attr.count as usize).min(count), res)
 }

@@ -3,6 +3,7 @@
 //! are a cache of this.
 
 use std::{
+    net::IpAddr,
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -92,6 +93,159 @@ fn effective(expiries: impl Iterator<Item = Option<i64>>) -> Option<i64> {
         };
     }
     latest
+}
+
+/// One owner's change to one entry, for [`Tx::apply`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Add or refresh the claim, with this expiry (ms since the epoch; `None` = permanent).
+    Claim(Option<i64>),
+    /// Drop the claim.
+    Release,
+}
+
+/// Prefixes as a JSON array of their stored text. The text holds only digits, letters, `.`, `:`
+/// and `/`, so nothing needs escaping.
+fn json_array<'a>(prefixes: impl Iterator<Item = &'a Prefix>) -> String {
+    let mut out = String::from("[");
+    for (i, p) in prefixes.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        out.push_str(PrefixText::new(p).as_str());
+        out.push('"');
+    }
+    out.push(']');
+    out
+}
+
+/// Two effective states of one entry together: `None` = no owner, `Some(expiry)` otherwise;
+/// between two owners the later expiry wins, and a permanent claim wins over any expiry.
+fn join(a: Option<Option<i64>>, b: Option<Option<i64>>) -> Option<Option<i64>> {
+    match (a, b) {
+        (None, x) | (x, None) => x,
+        (Some(a), Some(b)) => Some(effective([a, b].into_iter())),
+    }
+}
+
+/// What one claim or release did to an entry's effective state: `None` = no owner (absent from
+/// the kernel), `Some(expiry)` otherwise (`Some(None)` = permanent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// Before the change.
+    pub before: Option<Option<i64>>,
+    /// After it.
+    pub after: Option<Option<i64>>,
+}
+
+/// Sort prefixes in the order the database keeps them (by their text), so that a bulk write walks
+/// each B-tree once, from one page to the next, instead of seeking across the whole tree for
+/// every entry. IPv4 sorts by a key built from each number's rank among the decimal strings
+/// (the text order of `a.b.c.d/len` is that of its numbers' strings in turn, a host before its
+/// prefixes); IPv6, rare in big lists, after IPv4 by its text.
+pub fn sort_as_stored<T>(items: &mut [T], prefix: impl Fn(&T) -> Prefix) {
+    items.sort_unstable_by_key(|t| stored_order_v4(&prefix(t)).unwrap_or(u64::MAX));
+    let v6 = items.partition_point(|t| prefix(t).is_v4());
+    items[v6..].sort_by_cached_key(|t| prefix(t).to_string());
+}
+
+/// The order of [`sort_as_stored`].
+pub fn cmp_as_stored(a: &Prefix, b: &Prefix) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    match (stored_order_v4(a), stored_order_v4(b)) {
+        (Some(a), Some(b)) => a.cmp(&b),
+        (Some(_), None) => Ordering::Less,
+        (None, Some(_)) => Ordering::Greater,
+        (None, None) => PrefixText::new(a).as_str().cmp(PrefixText::new(b).as_str()),
+    }
+}
+
+/// The sort key of an IPv4 prefix's text; `None` for IPv6.
+fn stored_order_v4(p: &Prefix) -> Option<u64> {
+    /// `RANK[n]`: the position of `n`'s decimal string among those of 0 to 255 in text order.
+    static RANK: std::sync::LazyLock<[u8; 256]> = std::sync::LazyLock::new(|| {
+        let mut by_text: Vec<u8> = (0..=255).collect();
+        by_text.sort_by_key(u8::to_string);
+        let mut rank = [0; 256];
+        for (i, n) in by_text.into_iter().enumerate() {
+            rank[usize::from(n)] = i as u8;
+        }
+        rank
+    });
+    let IpAddr::V4(a) = p.addr() else {
+        return None;
+    };
+    let rank = &*RANK;
+    let addr = a
+        .octets()
+        .iter()
+        .fold(0u64, |k, o| k << 8 | u64::from(rank[usize::from(*o)]));
+    // A host has no `/len` suffix, so it sorts before every prefix of the same address.
+    let len = if p.is_host() {
+        0
+    } else {
+        1 + u64::from(rank[usize::from(p.len())])
+    };
+    Some(addr << 16 | len)
+}
+
+/// A prefix as the database stores it (its `Display` form), built on the stack: written and
+/// looked up once per entry of a bulk load, where a `String` each adds up.
+struct PrefixText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl PrefixText {
+    fn new(p: &Prefix) -> Self {
+        let mut t = Self {
+            buf: [0; 48],
+            len: 0,
+        };
+        match p.addr() {
+            IpAddr::V4(a) => {
+                let o = a.octets();
+                for (i, b) in o.iter().enumerate() {
+                    if i > 0 {
+                        t.push(b'.');
+                    }
+                    t.push_decimal(*b);
+                }
+                if !p.is_host() {
+                    t.push(b'/');
+                    t.push_decimal(p.len());
+                }
+            }
+            IpAddr::V6(_) => {
+                use std::io::Write as _;
+                let mut cur = std::io::Cursor::new(&mut t.buf[..]);
+                // At most 39 characters of address, `/` and 3 digits: always fits.
+                let _ = write!(cur, "{p}");
+                t.len = cur.position() as usize;
+            }
+        }
+        t
+    }
+
+    fn push(&mut self, b: u8) {
+        self.buf[self.len] = b;
+        self.len += 1;
+    }
+
+    fn push_decimal(&mut self, n: u8) {
+        if n >= 100 {
+            self.push(b'0' + n / 100);
+        }
+        if n >= 10 {
+            self.push(b'0' + n / 10 % 10);
+        }
+        self.push(b'0' + n % 10);
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).expect("ASCII digits, dots, colons and slashes")
+    }
 }
 
 /// The kernel-side rate limit and mode, kept so they survive a reboot.
@@ -346,16 +500,22 @@ impl Reader<'_> {
             .conn
             .prepare_cached("SELECT prefix, expires_at FROM entries WHERE list = ?1 AND owner = ?2")
             .map_err(self.db())?;
-        let rows: Vec<(String, Option<i64>)> = stmt
-            .query_map(params![list.as_str(), owner], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
-            .map_err(self.db())?
-            .collect::<Result<_, _>>()
+        let mut rows = stmt
+            .query(params![list.as_str(), owner])
             .map_err(self.db())?;
-        rows.into_iter()
-            .map(|(p, e)| Ok((p.parse().map_err(|_| self.corrupt(&p))?, e)))
-            .collect()
+        // Parsed from SQLite's own buffer rather than copied into a `String` first: a source can
+        // hold a million entries.
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(self.db())? {
+            let text = row
+                .get_ref(0)
+                .map_err(self.db())?
+                .as_str()
+                .map_err(|_| self.corrupt("a prefix that is not text"))?;
+            let prefix = text.parse().map_err(|_| self.corrupt(text))?;
+            out.push((prefix, row.get(1).map_err(self.db())?));
+        }
+        Ok(out)
     }
 
     /// Every owner that holds at least one claim, with its claim count.
@@ -486,7 +646,7 @@ impl Tx<'_> {
         }
     }
 
-    /// Add or refresh `owner`'s claim on an entry; returns the entry's new effective expiry.
+    /// Add or refresh `owner`'s claim on an entry; returns the entry's state before and after.
     pub fn claim(
         &mut self,
         list: List,
@@ -494,42 +654,129 @@ impl Tx<'_> {
         owner: &str,
         expires_at_ms: Option<i64>,
         comment: Option<&str>,
-    ) -> Result<Option<i64>, StoreError> {
-        self.tx
-            .prepare_cached(
-                "INSERT INTO entries (list, prefix, owner, expires_at, comment, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (list, prefix, owner) DO UPDATE SET
-                   expires_at = excluded.expires_at,
-                   comment = COALESCE(excluded.comment, entries.comment)",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    list.as_str(),
-                    prefix.to_string(),
-                    owner,
-                    expires_at_ms,
-                    comment,
-                    unix_ms()
-                ])
-            })
-            .map_err(self.db())?;
-        Ok(self.effective(list, prefix)?.flatten())
+    ) -> Result<Transition, StoreError> {
+        let t = self.apply(list, owner, comment, &[(*prefix, Op::Claim(expires_at_ms))])?;
+        Ok(t[0])
     }
 
-    /// Drop `owner`'s claim. Returns `None` when no owner is left (the entry leaves the kernel),
-    /// otherwise the remaining owners' effective expiry.
+    /// Drop `owner`'s claim; returns the entry's state before and after (`after` is `None` when
+    /// no owner is left: the entry leaves the kernel).
     pub fn release(
         &mut self,
         list: List,
         prefix: &Prefix,
         owner: &str,
-    ) -> Result<Option<Option<i64>>, StoreError> {
-        self.tx
-            .prepare_cached("DELETE FROM entries WHERE list = ?1 AND prefix = ?2 AND owner = ?3")
-            .and_then(|mut s| s.execute(params![list.as_str(), prefix.to_string(), owner]))
-            .map_err(self.db())?;
-        self.effective(list, prefix)
+    ) -> Result<Transition, StoreError> {
+        let t = self.apply(list, owner, None, &[(*prefix, Op::Release)])?;
+        Ok(t[0])
+    }
+
+    /// Claim or release entries as `owner` (a claim sets `comment` when one is given); returns
+    /// what each did to its entry, in order. A prefix listed twice must carry the same op both
+    /// times (the second sees the state before the first; the end state is right).
+    ///
+    /// Three statements whatever the number of entries: one reads every claim on them, one writes
+    /// the claims that change, one deletes the released ones. The entries travel as a JSON array
+    /// read by `json_each`, so SQLite loops over them in C rather than being called once per
+    /// entry, which is most of the cost of a bulk load.
+    pub fn apply(
+        &mut self,
+        list: List,
+        owner: &str,
+        comment: Option<&str>,
+        ops: &[(Prefix, Op)],
+    ) -> Result<Vec<Transition>, StoreError> {
+        let texts = json_array(ops.iter().map(|(p, _)| p));
+        // The claims on each entry: the other owners' effective state, and this owner's own.
+        let mut others: Vec<Option<Option<i64>>> = vec![None; ops.len()];
+        let mut mine: Vec<Option<Option<i64>>> = vec![None; ops.len()];
+        {
+            let mut stmt = self
+                .tx
+                .prepare_cached(
+                    "SELECT j.key, e.owner = ?3, e.expires_at
+                     FROM json_each(?2) AS j CROSS JOIN entries AS e
+                       ON e.list = ?1 AND e.prefix = j.value",
+                )
+                .map_err(self.db())?;
+            let mut rows = stmt
+                .query(params![list.as_str(), texts, owner])
+                .map_err(self.db())?;
+            while let Some(row) = rows.next().map_err(self.db())? {
+                let i: usize = row.get(0).map_err(self.db())?;
+                let is_mine: bool = row.get(1).map_err(self.db())?;
+                let exp: Option<i64> = row.get(2).map_err(self.db())?;
+                if is_mine {
+                    mine[i] = Some(exp);
+                } else {
+                    others[i] = join(others[i], Some(exp));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(ops.len());
+        // Claims to write, in runs of one expiry (one statement each), and releases to delete.
+        let mut runs: Vec<(Option<i64>, Vec<&Prefix>)> = Vec::new();
+        let mut released = Vec::new();
+        for (i, (prefix, op)) in ops.iter().enumerate() {
+            let before = join(others[i], mine[i]);
+            let after = match *op {
+                Op::Claim(exp) => {
+                    // An identical claim (same expiry, no new comment) would be rewritten as it is.
+                    if mine[i] != Some(exp) || comment.is_some() {
+                        match runs.last_mut() {
+                            Some((e, run)) if *e == exp => run.push(prefix),
+                            _ => runs.push((exp, vec![prefix])),
+                        }
+                    }
+                    join(others[i], Some(exp))
+                }
+                Op::Release => {
+                    if mine[i].is_some() {
+                        released.push(prefix);
+                    }
+                    others[i]
+                }
+            };
+            out.push(Transition { before, after });
+        }
+        let now = unix_ms();
+        for (exp, run) in runs {
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO entries (list, prefix, owner, expires_at, comment, created_at)
+                     SELECT ?1, value, ?3, ?4, ?5, ?6 FROM json_each(?2) WHERE true
+                     ON CONFLICT (list, prefix, owner) DO UPDATE SET
+                       expires_at = excluded.expires_at,
+                       comment = COALESCE(excluded.comment, entries.comment)",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        list.as_str(),
+                        json_array(run.into_iter()),
+                        owner,
+                        exp,
+                        comment,
+                        now
+                    ])
+                })
+                .map_err(self.db())?;
+        }
+        if !released.is_empty() {
+            self.tx
+                .prepare_cached(
+                    "DELETE FROM entries WHERE list = ?1 AND owner = ?3
+                       AND prefix IN (SELECT value FROM json_each(?2))",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        list.as_str(),
+                        json_array(released.into_iter()),
+                        owner
+                    ])
+                })
+                .map_err(self.db())?;
+        }
+        Ok(out)
     }
 
     /// Whether `owner` has a claim on the entry.
@@ -541,7 +788,13 @@ impl Tx<'_> {
     ) -> Result<bool, StoreError> {
         self.tx
             .prepare_cached("SELECT 1 FROM entries WHERE list = ?1 AND prefix = ?2 AND owner = ?3")
-            .and_then(|mut s| s.exists(params![list.as_str(), prefix.to_string(), owner]))
+            .and_then(|mut s| {
+                s.exists(params![
+                    list.as_str(),
+                    PrefixText::new(prefix).as_str(),
+                    owner
+                ])
+            })
             .map_err(self.db())
     }
 
@@ -556,7 +809,10 @@ impl Tx<'_> {
             .prepare_cached("SELECT expires_at FROM entries WHERE list = ?1 AND prefix = ?2")
             .map_err(self.db())?;
         let exp: Vec<Option<i64>> = stmt
-            .query_map(params![list.as_str(), prefix.to_string()], |r| r.get(0))
+            .query_map(
+                params![list.as_str(), PrefixText::new(prefix).as_str()],
+                |r| r.get(0),
+            )
             .map_err(self.db())?
             .collect::<Result<_, _>>()
             .map_err(self.db())?;
@@ -704,18 +960,109 @@ mod tests {
         let (_d, mut s) = temp();
         let e = p("198.18.0.0/24");
         s.write(|tx| {
+            let t = |before, after| Transition { before, after };
             assert_eq!(
                 tx.claim(List::Block, &e, "cli", Some(1_000), Some("x"))?,
-                Some(1_000)
+                t(None, Some(Some(1_000)))
             );
             // A permanent claim from another owner wins over the expiry.
-            assert_eq!(tx.claim(List::Block, &e, "feed", None, None)?, None);
-            assert_eq!(tx.release(List::Block, &e, "feed")?, Some(Some(1_000)));
-            assert_eq!(tx.release(List::Block, &e, "cli")?, None);
+            assert_eq!(
+                tx.claim(List::Block, &e, "feed", None, None)?,
+                t(Some(Some(1_000)), Some(None))
+            );
+            // The same claim again changes nothing; a later expiry wins.
+            assert_eq!(
+                tx.claim(List::Block, &e, "feed", None, None)?,
+                t(Some(None), Some(None))
+            );
+            assert_eq!(
+                tx.claim(List::Block, &e, "cli", Some(2_000), None)?,
+                t(Some(None), Some(None))
+            );
+            assert_eq!(
+                tx.release(List::Block, &e, "feed")?,
+                t(Some(None), Some(Some(2_000)))
+            );
+            assert_eq!(
+                tx.release(List::Block, &e, "nobody")?,
+                t(Some(Some(2_000)), Some(Some(2_000)))
+            );
+            assert_eq!(
+                tx.release(List::Block, &e, "cli")?,
+                t(Some(Some(2_000)), None)
+            );
             Ok::<_, StoreError>(())
         })
         .unwrap();
         assert!(s.entries(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn stored_order_is_text_order() {
+        let mut prefixes: Vec<Prefix> = [
+            "1.2.3.4",
+            "10.0.0.0/8",
+            "1.0.0.0/8",
+            "100.64.0.1",
+            "100.64.0.10",
+            "100.64.0.2",
+            "100.64.0.0/24",
+            "100.64.0.0/16",
+            "100.64.0.0",
+            "2.0.0.0/7",
+            "255.255.255.255",
+            "9.9.9.9",
+            "2001:db8::/32",
+            "2001:db8::1",
+            "::1",
+        ]
+        .iter()
+        .map(|s| p(s))
+        .collect();
+        // Every /len from 0 to 32 of one address, and every last octet.
+        prefixes
+            .extend((0..=32).map(|len| Prefix::new_truncating("0.0.0.0".parse().unwrap(), len)));
+        prefixes.extend((0..=255u8).map(|o| p(&format!("7.7.7.{o}"))));
+        sort_as_stored(&mut prefixes, |p| *p);
+        let v4: Vec<String> = prefixes
+            .iter()
+            .filter(|p| p.is_v4())
+            .map(ToString::to_string)
+            .collect();
+        let mut by_text = v4.clone();
+        by_text.sort();
+        assert_eq!(v4, by_text);
+        let v6: Vec<String> = prefixes
+            .iter()
+            .filter(|p| !p.is_v4())
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(v6, ["2001:db8::/32", "2001:db8::1", "::1"]);
+        assert!(prefixes[..prefixes.len() - 3].iter().all(Prefix::is_v4));
+        assert!(
+            prefixes
+                .windows(2)
+                .all(|w| cmp_as_stored(&w[0], &w[1]).is_lt())
+        );
+    }
+
+    #[test]
+    fn stored_text_is_the_display_form() {
+        for text in [
+            "0.0.0.0/0",
+            "1.2.3.4",
+            "10.0.0.0/8",
+            "100.64.10.0/24",
+            "255.255.255.255",
+            "198.18.0.128/25",
+            "2001:db8::/32",
+            "2001:db8::1",
+            "::/0",
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:fffe/127",
+        ] {
+            let prefix = p(text);
+            assert_eq!(PrefixText::new(&prefix).as_str(), prefix.to_string());
+        }
     }
 
     #[test]
