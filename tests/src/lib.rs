@@ -4,7 +4,11 @@
 //! - `packet`: a frame builder for IPv4/IPv6, VLAN tags, TCP/UDP/ICMP.
 //! - `model`: a host implementation of `filter_common::Tables` for differential checks.
 //! - `netns`: RAII network namespaces and veth pairs.
+//! - `generate`: seeded random rule sets and structure-aware frames.
+//! - `diff`: the differential harness (kernel against model, with shrinking).
 
+pub mod diff;
+pub mod generate;
 pub mod model;
 pub mod netns;
 pub mod packet;
