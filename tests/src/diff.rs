@@ -6,7 +6,9 @@
 //! through BPF_PROG_TEST_RUN one at a time (repeat 1), and the per-reason counters are read back
 //! after every frame with one `BPF_MAP_LOOKUP_BATCH`. Each frame is checked for: the action is never
 //! `XDP_ABORTED`; exactly one counter moved, by one packet and the frame's length in bytes; the
-//! (action, reason) equals the model's for the same rules, config and frame. After each rule set,
+//! (action, reason) equals the model's for the same rules, config and frame. Under a rate limit
+//! that refills during the run, the model's rate-limit clock is the kernel's coarse clock
+//! (`CLOCK_MONOTONIC_COARSE`, read just before and after each run). After each rule set,
 //! the entries' hit counters and the number of rate-limited sources are compared too.
 //!
 //! A mismatch is shrunk before it is reported, always replaying on a freshly loaded rule set: the
@@ -28,10 +30,10 @@ use aya::{
 };
 use filter_common::{
     Counter, FilterConfig, RateState, Reason, Verdict,
-    decide::{needs_l4, verdict},
+    decide::{needs_l4, rate_key, verdict},
     maps::*,
     model::{ListKind, Model},
-    packet::{ETH_HLEN, PacketMeta},
+    packet::{ETH_HLEN, PacketKind, PacketMeta},
 };
 use filter_user::{
     clock::boot_ns,
@@ -126,6 +128,17 @@ impl Counters {
     }
 }
 
+/// `CLOCK_MONOTONIC_COARSE` in ns: the clock the kernel's `bpf_ktime_get_coarse_ns` reads.
+fn coarse_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// What one frame did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -160,6 +173,7 @@ pub struct Harness {
     loaded: Vec<(Rule, u64)>,
     ports: Vec<u16>,
     cfg: FilterConfig,
+    clock_sensitive: bool,
     model: Model,
     history: VecDeque<Vec<u8>>,
     // Last: unpins everything after the handles above are closed.
@@ -186,6 +200,7 @@ impl Harness {
             loaded: Vec::new(),
             ports: Vec::new(),
             cfg: FilterConfig::default(),
+            clock_sensitive: false,
             model: Model::new(),
             history: VecDeque::new(),
             _inst: inst,
@@ -240,6 +255,8 @@ impl Harness {
             self.ports = ports;
         }
         self.model.set_rl_ports(&self.ports);
+        self.clock_sensitive = rs.rate.as_ref().is_some_and(|r| r.mode.clock_sensitive());
+        self.model.set_coarse_now(None);
         self.cfg = self.maps.update_config(|c| {
             c.flags &= !(CFG_MONITOR | CFG_RL_ENABLED | CFG_RL_PORTS | CFG_RL_SYN_ONLY);
             if rs.monitor {
@@ -283,13 +300,15 @@ impl Harness {
     }
 
     fn compare(&mut self, frame: &[u8]) -> anyhow::Result<Outcome> {
+        let t0 = coarse_ns();
         let run = self.prog.test_run(TestRunOptions {
             data_in: Some(frame),
             ..Default::default()
         });
+        let t1 = coarse_ns();
         self.model.set_now(boot_ns());
-        let want = self.model.run(&self.cfg, frame);
         if frame.len() < ETH_HLEN {
+            let want = self.model.run(&self.cfg, frame);
             // The kernel refuses frames shorter than an Ethernet header (EINVAL).
             let malformed = verdict(Reason::DropMalformed, self.cfg.has(CFG_MONITOR));
             return Ok(match (run, want == malformed) {
@@ -316,8 +335,9 @@ impl Harness {
         }
         let [(reason, packets, bytes)] = moved[..] else {
             return Ok(Outcome::Mismatch(format!(
-                "{} counters moved (want exactly one): {moved:?}; model says {want:?}",
-                moved.len()
+                "{} counters moved (want exactly one): {moved:?}; model says {:?}",
+                moved.len(),
+                self.model.run(&self.cfg, frame)
             )));
         };
         if (packets, bytes) != (1, frame.len() as u64) {
@@ -327,11 +347,36 @@ impl Harness {
             )));
         }
         let got = Verdict { action, reason };
+        let want = self.model_verdict(frame, t0, t1, got);
         Ok(if got == want {
             Outcome::Agree(Some(got))
         } else {
             Outcome::Mismatch(format!("kernel {got:?}, model {want:?}"))
         })
+    }
+
+    /// The model's verdict for a frame the kernel ran between coarse-clock readings `t0` and
+    /// `t1`. Under a rate limit that refills, the model's rate-limit clock is the kernel's coarse
+    /// clock: `t0`, unless a tick passed during the run and `t0` disagrees with the kernel (`got`);
+    /// then the kernel read `t1`, and the model decides again from the bucket as it was.
+    fn model_verdict(&self, frame: &[u8], t0: u64, t1: u64, got: Verdict) -> Verdict {
+        if !self.clock_sensitive {
+            return self.model.run(&self.cfg, frame);
+        }
+        self.model.set_coarse_now(Some(t0));
+        let meta = PacketMeta::parse(frame, needs_l4(&self.cfg));
+        let key = (t0 != t1 && matches!(meta.kind, PacketKind::V4 | PacketKind::V6))
+            .then(|| rate_key(&self.cfg, &meta));
+        let saved = key.map(|k| (k, self.model.rate(&k)));
+        let first = self.model.run(&self.cfg, frame);
+        match saved {
+            Some((k, bucket)) if first != got => {
+                self.model.set_rate(&k, bucket);
+                self.model.set_coarse_now(Some(t1));
+                self.model.run(&self.cfg, frame)
+            }
+            _ => first,
+        }
     }
 
     /// Entries whose kernel hit counter moved differently from the model's, and a rate-limited

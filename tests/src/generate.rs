@@ -11,9 +11,10 @@
 //! IPv6 extension chains longer than the parser's bound, then damage: truncation at any offset,
 //! overwritten bytes and length fields, or random bytes altogether.
 //!
-//! Rate-limit outcomes must not depend on when a packet runs, so a rate limit here is either
-//! "burst, then no refill for an hour" or "never runs out": the kernel's clock and the model's,
-//! read microseconds apart, cannot disagree on either.
+//! A rate limit here is "burst, then no refill for an hour", "never runs out" (outcomes that do
+//! not depend on when a frame runs), or "a token every few ticks" of the kernel's coarse clock,
+//! which refills during the run: for that one the harness drives the model with the kernel's
+//! coarse clock.
 
 use std::{
     collections::HashSet,
@@ -22,7 +23,7 @@ use std::{
 };
 
 use filter_common::{FilterConfig, maps::*, model::ListKind};
-use filter_user::cidr::Prefix;
+use filter_user::{cidr::Prefix, clock::coarse_tick_ns};
 
 use crate::packet::{ETH_P_8021AD, ETH_P_8021Q, Ext, Frame, TCP_ACK, TCP_SYN};
 
@@ -138,6 +139,22 @@ pub enum RateMode {
     /// A tolerance so large no source runs out: every packet in scope is admitted (and updates
     /// its source's state).
     Unlimited,
+    /// A token every `ticks` ticks of the kernel's coarse clock, `burst` at most: buckets run dry
+    /// and refill during the run. The outcome depends on the clock, so the harness drives the
+    /// model with the kernel's coarse clock, read around each run.
+    Refill {
+        /// Interval between tokens in coarse-clock ticks.
+        ticks: u64,
+        /// Packets admitted back to back.
+        burst: u64,
+    },
+}
+
+impl RateMode {
+    /// Whether verdicts depend on when a frame runs.
+    pub fn clock_sensitive(self) -> bool {
+        matches!(self, RateMode::Refill { .. })
+    }
 }
 
 /// A rate-limit configuration.
@@ -166,6 +183,11 @@ impl RateLimit {
         let (interval, tolerance) = match self.mode {
             RateMode::NoRefill { burst } => (NO_REFILL_NS, NO_REFILL_NS * (burst - 1)),
             RateMode::Unlimited => (1, UNLIMITED_TOLERANCE_NS),
+            RateMode::Refill { ticks, burst } => {
+                // As the controller does: a tolerance of at least one tick.
+                let tick = coarse_tick_ns();
+                (ticks * tick, ((burst - 1) * ticks * tick).max(tick))
+            }
         };
         cfg.rl_interval_ns = interval;
         cfg.rl_tolerance_ns = tolerance;
@@ -179,6 +201,11 @@ impl fmt::Display for RateLimit {
         match self.mode {
             RateMode::NoRefill { burst } => write!(f, "burst {burst} without refill")?,
             RateMode::Unlimited => write!(f, "unlimited")?,
+            RateMode::Refill { ticks, burst } => write!(
+                f,
+                "burst {burst}, a token every {ticks} ticks of {} ns",
+                coarse_tick_ns()
+            )?,
         }
         if !self.ports.is_empty() {
             write!(f, ", ports {:?}", self.ports)?;
@@ -400,13 +427,18 @@ impl RuleSet {
         let mut seen = HashSet::new();
         rules.retain(|r| seen.insert((r.list == ListKind::Allow, r.prefix)));
 
+        let refill = |rng: &mut Rng| RateMode::Refill {
+            ticks: rng.range(1, 8),
+            burst: rng.range(1, 6),
+        };
         let rate = match index % 6 {
             0 => None,
-            1 => Some(RateMode::NoRefill { burst: 1 }),
-            2 => Some(RateMode::NoRefill {
-                burst: rng.range(2, 4),
+            1 => Some(RateMode::NoRefill {
+                burst: rng.range(1, 4),
             }),
+            2 => Some(refill(rng)),
             3 => Some(RateMode::Unlimited),
+            _ if rng.percent(50) => Some(refill(rng)),
             _ => Some(RateMode::NoRefill {
                 burst: rng.range(1, 3),
             }),
