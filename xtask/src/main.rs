@@ -5,6 +5,7 @@
 //! seconds once the toolchain is in place.
 
 mod cmd;
+mod fuzz;
 mod setup;
 mod tasks;
 
@@ -37,6 +38,9 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The long reliability run (root): the differential test of the XDP program against the
+    /// host model with many more frames, and the parsers' property tests with many more cases.
+    Fuzz(fuzz::FuzzArgs),
     /// rustfmt check, clippy on the host crates and clippy on the eBPF crate (nightly).
     Lint,
     /// Run `setup` and a release build, then the narrated demo in network namespaces (root).
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(setup::Scope::All).map(|()| ExitCode::SUCCESS),
         Command::Build { release } => tasks::build(release).map(|()| ExitCode::SUCCESS),
         Command::Test { args } => tasks::test(&args).map(|()| ExitCode::SUCCESS),
+        Command::Fuzz(args) => fuzz::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lint => tasks::lint().map(|()| ExitCode::SUCCESS),
         Command::Demo => tasks::demo().map(|()| ExitCode::SUCCESS),
     };
@@ -75,6 +80,16 @@ mod tests {
             .expect("parses");
         match cli.command {
             Command::Test { args } => assert_eq!(args, ["prog_test_run", "--nocapture"]),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fuzz_takes_a_seed_and_a_packet_count() {
+        let cli = Cli::try_parse_from(["xtask", "fuzz", "--seed", "0x2a", "--packets", "1_000"])
+            .expect("parses");
+        match cli.command {
+            Command::Fuzz(args) => assert_eq!((args.seed, args.packets), (Some(42), 1_000)),
             other => panic!("parsed as {other:?}"),
         }
     }
