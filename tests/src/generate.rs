@@ -356,8 +356,9 @@ fn near(rng: &mut Rng, prefix: &Prefix) -> IpAddr {
 }
 
 impl RuleSet {
-    /// A random rule set. `index` rotates the rate-limit and mode configurations so every rule set
-    /// count of 8 or more covers each of them.
+    /// A random rule set. `index` rotates the rate-limit and mode settings (no limit, burst
+    /// without refill, refilling, unlimited, SYN-only, port scope; monitor mode every fourth), so
+    /// any 12 consecutive rule sets cover every combination of monitor mode with a limit that drops.
     pub fn generate(rng: &mut Rng, index: usize) -> Self {
         let wide = index % 2 == 1 || rng.percent(25);
         let mut rules: Vec<Rule> = Vec::new();
@@ -368,8 +369,16 @@ impl RuleSet {
                 expiry: expiry(rng),
             })
         };
+        // Now and then no allowlist, or one family with no rules at all, so the kernel skips its
+        // empty tables.
+        let allow_percent = if rng.percent(15) { 0 } else { 15 };
+        let families: &[bool] = match rng.below(10) {
+            0 => &[false],
+            1 => &[true],
+            _ => &[false, true],
+        };
         // Clusters: one base address, several nested prefixes of it, some siblings.
-        for v6 in [false, true] {
+        for &v6 in families {
             for _ in 0..rng.range(6, 24) {
                 let base = cluster_base(rng, v6);
                 for _ in 0..rng.range(1, 7) {
@@ -378,7 +387,7 @@ impl RuleSet {
                     } else {
                         v4_len(rng, wide)
                     };
-                    let list = if rng.percent(15) {
+                    let list = if rng.percent(allow_percent) {
                         ListKind::Allow
                     } else {
                         ListKind::Block
@@ -408,7 +417,12 @@ impl RuleSet {
             .filter(|r| r.list == ListKind::Block)
             .map(|r| r.prefix)
             .collect();
-        for _ in 0..rng.range(2, 10) {
+        let overlaps = if allow_percent == 0 || blocks.is_empty() {
+            0
+        } else {
+            rng.range(2, 10)
+        };
+        for _ in 0..overlaps {
             let b = *rng.pick(&blocks);
             let max = if b.is_v4() { 32 } else { 128 };
             let len = match rng.below(3) {
