@@ -25,11 +25,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use aya::{
-    maps::{HashMap, Map, MapData},
+    maps::{HashMap, Map, MapData, MapError},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use filter_common::{
-    Counter, FilterConfig, RateState, Reason, Verdict,
+    Counter, FilterConfig, RateKey, RateState, Reason, Verdict,
     decide::{needs_l4, rate_key, verdict},
     maps::*,
     model::{ListKind, Model},
@@ -347,7 +347,10 @@ impl Harness {
             )));
         }
         let got = Verdict { action, reason };
-        let want = self.model_verdict(frame, t0, t1, got);
+        let want = match self.model_verdict(frame, t0, t1, got)? {
+            Ok(want) => want,
+            Err(why) => return Ok(Outcome::Mismatch(why)),
+        };
         Ok(if got == want {
             Outcome::Agree(Some(got))
         } else {
@@ -357,25 +360,69 @@ impl Harness {
 
     /// The model's verdict for a frame the kernel ran between coarse-clock readings `t0` and
     /// `t1`. Under a rate limit that refills, the model's rate-limit clock is the kernel's coarse
-    /// clock: `t0`, unless a tick passed during the run and `t0` disagrees with the kernel (`got`);
-    /// then the kernel read `t1`, and the model decides again from the bucket as it was.
-    fn model_verdict(&self, frame: &[u8], t0: u64, t1: u64, got: Verdict) -> Verdict {
+    /// clock: `t0` if no tick passed during the run. If ticks did pass, the kernel read some
+    /// value in `t0..=t1` (a busy machine can stretch a run over several ticks), and the verdict
+    /// alone may not tell which: a full bucket admits either way but keeps a different arrival
+    /// time. So the model decides from the bucket as it was at each instant the kernel may have
+    /// seen: `t0`, `t1`, and, when the kernel's bucket says a token was taken from a full bucket,
+    /// its new arrival time less one interval; the first that gives the kernel's verdict and the
+    /// kernel's bucket wins. `Err` when none does.
+    fn model_verdict(
+        &self,
+        frame: &[u8],
+        t0: u64,
+        t1: u64,
+        got: Verdict,
+    ) -> anyhow::Result<Result<Verdict, String>> {
         if !self.clock_sensitive {
-            return self.model.run(&self.cfg, frame);
+            return Ok(Ok(self.model.run(&self.cfg, frame)));
         }
         self.model.set_coarse_now(Some(t0));
         let meta = PacketMeta::parse(frame, needs_l4(&self.cfg));
-        let key = (t0 != t1 && matches!(meta.kind, PacketKind::V4 | PacketKind::V6))
-            .then(|| rate_key(&self.cfg, &meta));
-        let saved = key.map(|k| (k, self.model.rate(&k)));
-        let first = self.model.run(&self.cfg, frame);
-        match saved {
-            Some((k, bucket)) if first != got => {
-                self.model.set_rate(&k, bucket);
-                self.model.set_coarse_now(Some(t1));
-                self.model.run(&self.cfg, frame)
+        if t0 == t1 || !matches!(meta.kind, PacketKind::V4 | PacketKind::V6) {
+            return Ok(Ok(self.model.run(&self.cfg, frame)));
+        }
+        let key = rate_key(&self.cfg, &meta);
+        let kernel = self.kernel_rate(&key)?;
+        let saved = self.model.rate(&key);
+        let mut candidates = vec![t0, t1];
+        if let Some(k) = kernel {
+            let now = k.tat_ns.wrapping_sub(self.cfg.rl_interval_ns);
+            if (t0..=t1).contains(&now) {
+                candidates.push(now);
             }
-            _ => first,
+        }
+        let mut tried = Vec::new();
+        for now in candidates {
+            self.model.set_rate(&key, saved);
+            self.model.set_coarse_now(Some(now));
+            let want = self.model.run(&self.cfg, frame);
+            let bucket = self.model.rate(&key);
+            if want == got && bucket == kernel {
+                return Ok(Ok(want));
+            }
+            tried.push(format!("at {now}: {want:?}, {bucket:?}"));
+        }
+        Ok(Err(format!(
+            "ticks passed during the run ({t0} -> {t1} ns) and no instant in between gives the \
+             kernel's verdict {got:?} and bucket for {key:?} {kernel:?}; the model gives {}",
+            tried.join("; ")
+        )))
+    }
+
+    /// The kernel's token bucket for a source key.
+    fn kernel_rate(&self, key: &RateKey) -> anyhow::Result<Option<RateState>> {
+        let found = match key {
+            RateKey::V4(a) => self.rl_v4.get(a, 0),
+            RateKey::V6(a) => self.rl_v6.get(a, 0),
+        };
+        match found {
+            Ok(state) => Ok(Some(state)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
