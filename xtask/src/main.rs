@@ -1,4 +1,4 @@
-//! `cargo xtask`: the project's own build, test, lint and demo driver.
+//! `cargo xtask`: the project's own build, test, fuzz, lint and demo driver.
 //!
 //! Run it from anywhere in the workspace (`cargo xtask <command>`, an alias in `.cargo/config.toml`).
 //! Every command that needs the eBPF toolchain runs `setup` first, which is idempotent and takes
