@@ -6,9 +6,10 @@
 //! through BPF_PROG_TEST_RUN one at a time (repeat 1), and the per-reason counters are read back
 //! after every frame with one `BPF_MAP_LOOKUP_BATCH`. Each frame is checked for: the action is never
 //! `XDP_ABORTED`; exactly one counter moved, by one packet and the frame's length in bytes; the
-//! (action, reason) equals the model's for the same rules, config and frame. Under a rate limit
-//! that refills during the run, the model's rate-limit clock is the kernel's coarse clock
-//! (`CLOCK_MONOTONIC_COARSE`, read just before and after each run). After each rule set,
+//! (action, reason) equals the model's for the same rules, config and frame; under a rate limit,
+//! the kernel's token bucket for the frame's source equals the model's too. The model's
+//! rate-limit clock is the kernel's coarse clock (`CLOCK_MONOTONIC_COARSE`, read just before and
+//! after each run), so limits that refill during the run compare exactly. After each rule set,
 //! the entries' hit counters and the number of rate-limited sources are compared too.
 //!
 //! A mismatch is shrunk before it is reported, always replaying on a freshly loaded rule set: the
@@ -173,7 +174,6 @@ pub struct Harness {
     loaded: Vec<(Rule, u64)>,
     ports: Vec<u16>,
     cfg: FilterConfig,
-    clock_sensitive: bool,
     model: Model,
     history: VecDeque<Vec<u8>>,
     // Last: unpins everything after the handles above are closed.
@@ -200,7 +200,6 @@ impl Harness {
             loaded: Vec::new(),
             ports: Vec::new(),
             cfg: FilterConfig::default(),
-            clock_sensitive: false,
             model: Model::new(),
             history: VecDeque::new(),
             _inst: inst,
@@ -255,8 +254,6 @@ impl Harness {
             self.ports = ports;
         }
         self.model.set_rl_ports(&self.ports);
-        self.clock_sensitive = rs.rate.as_ref().is_some_and(|r| r.mode.clock_sensitive());
-        self.model.set_coarse_now(None);
         self.cfg = self.maps.update_config(|c| {
             c.flags &= !(CFG_MONITOR | CFG_RL_ENABLED | CFG_RL_PORTS | CFG_RL_SYN_ONLY);
             if rs.monitor {
@@ -359,14 +356,18 @@ impl Harness {
     }
 
     /// The model's verdict for a frame the kernel ran between coarse-clock readings `t0` and
-    /// `t1`. Under a rate limit that refills, the model's rate-limit clock is the kernel's coarse
-    /// clock: `t0` if no tick passed during the run. If ticks did pass, the kernel read some
-    /// value in `t0..=t1` (a busy machine can stretch a run over several ticks), and the verdict
-    /// alone may not tell which: a full bucket admits either way but keeps a different arrival
-    /// time. So the model decides from the bucket as it was at each instant the kernel may have
-    /// seen: `t0`, `t1`, and, when the kernel's bucket says a token was taken from a full bucket,
-    /// its new arrival time less one interval; the first that gives the kernel's verdict and the
-    /// kernel's bucket wins. `Err` when none does.
+    /// `t1`, checked against the kernel's token bucket for the frame's source too when the rate
+    /// limit is on (so a wrong bucket shows at the frame that made it, even under a limit that
+    /// never drops).
+    ///
+    /// The model's rate-limit clock is the kernel's coarse clock: `t0` if no tick passed during
+    /// the run. If ticks did pass, the kernel read some value in `t0..=t1` (a busy machine can
+    /// stretch a run over several ticks), and the verdict alone may not tell which: a full bucket
+    /// admits either way but keeps a different arrival time. So the model decides from the bucket
+    /// as it was at each instant the kernel may have seen: `t0`, `t1`, and, when the kernel's
+    /// bucket says a token was taken from a full bucket, its new arrival time less one interval;
+    /// the first that gives the kernel's verdict and the kernel's bucket wins. `Err` when none
+    /// does.
     fn model_verdict(
         &self,
         frame: &[u8],
@@ -374,22 +375,22 @@ impl Harness {
         t1: u64,
         got: Verdict,
     ) -> anyhow::Result<Result<Verdict, String>> {
-        if !self.clock_sensitive {
-            return Ok(Ok(self.model.run(&self.cfg, frame)));
-        }
         self.model.set_coarse_now(Some(t0));
         let meta = PacketMeta::parse(frame, needs_l4(&self.cfg));
-        if t0 == t1 || !matches!(meta.kind, PacketKind::V4 | PacketKind::V6) {
+        if !self.cfg.has(CFG_RL_ENABLED) || !matches!(meta.kind, PacketKind::V4 | PacketKind::V6) {
             return Ok(Ok(self.model.run(&self.cfg, frame)));
         }
         let key = rate_key(&self.cfg, &meta);
         let kernel = self.kernel_rate(&key)?;
         let saved = self.model.rate(&key);
-        let mut candidates = vec![t0, t1];
-        if let Some(k) = kernel {
-            let now = k.tat_ns.wrapping_sub(self.cfg.rl_interval_ns);
-            if (t0..=t1).contains(&now) {
-                candidates.push(now);
+        let mut candidates = vec![t0];
+        if t0 != t1 {
+            candidates.push(t1);
+            if let Some(k) = kernel {
+                let now = k.tat_ns.wrapping_sub(self.cfg.rl_interval_ns);
+                if (t0..=t1).contains(&now) {
+                    candidates.push(now);
+                }
             }
         }
         let mut tried = Vec::new();
@@ -401,11 +402,10 @@ impl Harness {
             if want == got && bucket == kernel {
                 return Ok(Ok(want));
             }
-            tried.push(format!("at {now}: {want:?}, {bucket:?}"));
+            tried.push(format!("at {now} ns: {want:?}, bucket {bucket:?}"));
         }
         Ok(Err(format!(
-            "ticks passed during the run ({t0} -> {t1} ns) and no instant in between gives the \
-             kernel's verdict {got:?} and bucket for {key:?} {kernel:?}; the model gives {}",
+            "kernel {got:?}, bucket for {key:?} {kernel:?} (coarse clock {t0}..={t1} ns); model {}",
             tried.join("; ")
         )))
     }

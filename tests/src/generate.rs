@@ -150,13 +150,6 @@ pub enum RateMode {
     },
 }
 
-impl RateMode {
-    /// Whether verdicts depend on when a frame runs.
-    pub fn clock_sensitive(self) -> bool {
-        matches!(self, RateMode::Refill { .. })
-    }
-}
-
 /// A rate-limit configuration.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RateLimit {
