@@ -79,6 +79,19 @@ impl Reason {
             Reason::DropMalformed | Reason::DropBlocklist | Reason::DropRatelimit
         )
     }
+
+    /// Drops (or monitor-mode would-be drops) that name a source, and so are sampled as drop
+    /// events. Malformed frames have no trustworthy source.
+    #[inline(always)]
+    pub const fn is_sampled(self) -> bool {
+        matches!(
+            self,
+            Reason::DropBlocklist
+                | Reason::DropRatelimit
+                | Reason::MonitorDropBlocklist
+                | Reason::MonitorDropRatelimit
+        )
+    }
 }
 
 /// The final action and the counter it is recorded under.

@@ -42,8 +42,13 @@ pub const MAP_RATELIMIT_V4: &str = "RATELIMIT_V4";
 /// Destination ports in the rate limit's scope: array indexed by port, non-zero = in scope.
 pub const MAP_RL_PORTS: &str = "RL_PORTS";
 
+/// Sampled drop events for the daemon's log (ring buffer of [`DropEvent`]).
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Per-CPU budget of drop events per second ([`EventBudget`]).
+pub const MAP_EVENT_BUDGET: &str = "EVENT_BUDGET";
+
 /// Every map the program declares, in the order the controller pins and reports them.
-pub const ALL_MAPS: [&str; 16] = [
+pub const ALL_MAPS: [&str; 18] = [
     MAP_CONFIG,
     MAP_COUNTERS,
     MAP_IFSLOT,
@@ -60,6 +65,8 @@ pub const ALL_MAPS: [&str; 16] = [
     MAP_RATELIMIT,
     MAP_RATELIMIT_V4,
     MAP_RL_PORTS,
+    MAP_EVENTS,
+    MAP_EVENT_BUDGET,
 ];
 
 /// Default capacity of the exact IPv4 host table (1M hosts, the size of the largest public feeds).
@@ -127,6 +134,43 @@ pub const CFG_HAS_BLOCK_NET_V6: u32 = 1 << 13;
 pub const CFG_HAS_BLOCK_WIDE_V4: u32 = 1 << 14;
 /// See [`CFG_HAS_ALLOW_V4`].
 pub const CFG_HAS_NET24_V4: u32 = 1 << 15;
+
+/// `FilterConfig::flags`: emit sampled drop events to `EVENTS` (set while a daemon reads them).
+pub const CFG_EVENTS: u32 = 1 << 4;
+
+/// Size of the drop-event ring buffer in bytes (a power of two, whole pages): 8k events.
+pub const EVENTS_BYTES: u32 = 1 << 18;
+/// Drop events one CPU may emit per second. A flood only ever costs this many ring-buffer
+/// writes per CPU per second; every drop is still counted in `COUNTERS`.
+pub const EVENTS_PER_CPU_SEC: u32 = 128;
+
+/// One sampled drop, as the kernel writes it to `EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropEvent {
+    /// Source address, network byte order (IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    /// Ingress interface.
+    pub ifindex: u32,
+    /// Counter id of the drop (a `Reason`).
+    pub reason: u32,
+    /// 4 or 6.
+    pub family: u32,
+    /// Frame length.
+    pub len: u32,
+}
+const _: () = assert!(size_of::<DropEvent>() == 32);
+
+/// Per-CPU state of the drop-event budget.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// The second (coarse boot-time clock, ns / 1e9) the count belongs to.
+    pub second: u64,
+    /// Events emitted in that second.
+    pub used: u64,
+}
+const _: () = assert!(size_of::<EventBudget>() == 16);
 
 /// Runtime configuration of the program, written by the controller (index 0 of `CONFIG`).
 #[repr(C)]
@@ -251,6 +295,8 @@ mod pod {
     unsafe impl aya::Pod for super::NetKeyV4 {}
     unsafe impl aya::Pod for super::RateState {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::DropEvent {}
+    unsafe impl aya::Pod for super::EventBudget {}
 }
 
 #[cfg(test)]

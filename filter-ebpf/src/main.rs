@@ -7,7 +7,7 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_COMMON_LRU, BPF_NOEXIST, xdp_action},
     helpers::{bpf_ktime_get_boot_ns, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     programs::XdpContext,
 };
 use aya_log_ebpf::warn;
@@ -57,6 +57,10 @@ static RATELIMIT_V4: LruHashMap<[u8; 4], RateState> =
     LruHashMap::pinned(RATELIMIT_MAX, BPF_F_NO_COMMON_LRU);
 #[map(name = "RL_PORTS")]
 static RL_PORTS: Array<u8> = Array::pinned(RL_PORTS_LEN, 0);
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+#[map(name = "EVENT_BUDGET")]
+static EVENT_BUDGET: PerCpuArray<EventBudget> = PerCpuArray::pinned(1, 0);
 
 #[xdp]
 pub fn apifilter(ctx: XdpContext) -> u32 {
@@ -68,7 +72,40 @@ pub fn apifilter(ctx: XdpContext) -> u32 {
     let tables = Maps { ctx: &ctx, cfg };
     let v = verdict(decide(&tables, cfg, &meta), cfg.has(CFG_MONITOR));
     record(&ctx, v.reason as u32, meta.len);
+    if v.reason.is_sampled() && cfg.has(CFG_EVENTS) {
+        sample_drop(&ctx, &meta, v.reason as u32);
+    }
     v.action
+}
+
+/// Write a drop event unless this CPU used its budget for the current second. Drops only: the
+/// pass path never gets here.
+#[inline(always)]
+fn sample_drop(ctx: &XdpContext, meta: &PacketMeta, reason: u32) {
+    let Some(budget) = EVENT_BUDGET.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: helper without arguments.
+    let second = unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000;
+    // SAFETY: per-CPU value of this CPU; nothing else writes it concurrently.
+    let budget = unsafe { &mut *budget };
+    if budget.second != second {
+        budget.second = second;
+        budget.used = 0;
+    }
+    if budget.used >= u64::from(EVENTS_PER_CPU_SEC) {
+        return;
+    }
+    budget.used += 1;
+    let event = DropEvent {
+        src: meta.src,
+        ifindex: ctx.ingress_ifindex() as u32,
+        reason,
+        family: if meta.kind == PacketKind::V6 { 6 } else { 4 },
+        len: meta.len,
+    };
+    // A full ring (no reader) only loses the sample.
+    let _ = EVENTS.output::<DropEvent>(&event, 0);
 }
 
 /// The single exit: one per-CPU counter bump per packet, by interface slot and reason.

@@ -181,6 +181,27 @@ pub enum Command {
         #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "10")]
         watch: Option<f64>,
     },
+    /// Run the daemon: attach and restore, then keep feeds, CrowdSec, the TLS proxy, counters and
+    /// metrics going. SIGHUP reloads the config (a bad one is refused and the running one kept);
+    /// SIGTERM stops the daemon and leaves the filter attached.
+    #[command(
+        after_help = "Examples:\n  apifilter run --config /etc/apifilter/apifilter.toml\n  APIFILTER_LOG=debug apifilter --log-format json run --config apifilter.toml\n  kill -HUP $(pidof apifilter)     # reload the config"
+    )]
+    Run {
+        /// The TOML config (see packaging/apifilter.toml for every option). Example: /etc/apifilter/apifilter.toml
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check a daemon config and exit: syntax, unknown fields, values, and that its interfaces
+    /// exist. Changes nothing.
+    #[command(
+        after_help = "Examples:\n  apifilter check-config --config /etc/apifilter/apifilter.toml\n  apifilter check-config --config new.toml && systemctl reload apifilter"
+    )]
+    CheckConfig {
+        /// The TOML config. Example: /etc/apifilter/apifilter.toml
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 /// `apifilter block`.
@@ -196,7 +217,8 @@ pub struct BlockArgs {
     /// Note stored with the entry. Example: "credential stuffing"
     #[arg(long, value_name = "TEXT")]
     pub comment: Option<String>,
-    /// Accept a /0 prefix (it blocks every source).
+    /// Accept a /0 prefix (it blocks every source), or a prefix covering an address an operator
+    /// is connected from over SSH.
     #[arg(long)]
     pub force: bool,
 }
@@ -221,7 +243,8 @@ pub struct ImportArgs {
     /// new ones are in, so nothing blinks out).
     #[arg(long)]
     pub replace: bool,
-    /// Accept /0 prefixes in the list.
+    /// Accept /0 prefixes in the list, and prefixes covering an address an operator is
+    /// connected from over SSH.
     #[arg(long)]
     pub force: bool,
 }

@@ -4,7 +4,7 @@
 
 use std::{
     collections::HashMap,
-    io::{IsTerminal as _, Read as _},
+    io::Read as _,
     path::Path,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
@@ -17,7 +17,9 @@ use serde::Serialize;
 use crate::{
     cidr::Prefix,
     cli::{BlockArgs, Cli, Command, ImportArgs, Mode, RatelimitCommand},
-    clock, formats,
+    clock,
+    control::{self, Change, kernel_expiry},
+    formats,
     loader::{self, AttachMode, Capacities, PinDir},
     maps::{List, Maps},
     stats,
@@ -62,6 +64,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ratelimit(cmd) => ratelimit(&pins, state, cmd),
         Command::Mode { mode } => set_mode(&pins, state, mode),
         Command::Stats { json, watch } => stats::run(&pins, json, watch),
+        Command::Run { config } => crate::daemon::run(&pins, state, &config),
+        Command::CheckConfig { config } => crate::daemon::check_config(&config),
     }
 }
 
@@ -79,28 +83,6 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
 /// The kernel maps, when the filter is loaded.
 fn loaded_maps(pins: &PinDir) -> Option<Maps> {
     Maps::open(pins).ok()
-}
-
-/// Kernel expiry for a wall-clock expiry (`None` = permanent → 0).
-fn kernel_expiry(expires_at_ms: Option<i64>) -> u64 {
-    match expires_at_ms {
-        None => 0,
-        Some(at) => clock::boot_ns_at_unix_ms(at).max(1),
-    }
-}
-
-/// Make the kernel hold the entry's current effective state (`None` = no owner left).
-fn push(
-    maps: &Maps,
-    list: List,
-    prefix: &Prefix,
-    effective: Option<Option<i64>>,
-) -> anyhow::Result<()> {
-    match effective {
-        None => maps.remove(list, prefix)?,
-        Some(exp) => maps.upsert(list, prefix, kernel_expiry(exp))?,
-    }
-    Ok(())
 }
 
 /// Set by SIGINT/SIGTERM while [`DeferSignals`] is alive.
@@ -125,11 +107,8 @@ impl DeferSignals {
         Self { previous }
     }
 
-    fn check(&self) -> anyhow::Result<()> {
-        if INTERRUPTED.load(Ordering::Relaxed) {
-            bail!("interrupted; nothing was changed");
-        }
-        Ok(())
+    fn interrupted(&self) -> bool {
+        INTERRUPTED.load(Ordering::Relaxed)
     }
 }
 
@@ -142,62 +121,31 @@ impl Drop for DeferSignals {
     }
 }
 
-/// Apply claims (or releases) in one transaction, pushing each entry's new state to the kernel.
-/// `plan` lists the prefixes to change, read inside the transaction. On any failure, or SIGINT,
-/// the kernel entries already pushed go back to their previous state and the transaction rolls
-/// back: the command changes nothing.
+/// Apply claims (or releases) as the CLI, in one transaction (see [`control::apply`]). SIGINT
+/// undoes what was pushed: the command changes nothing.
 fn apply(
     pins: &PinDir,
     store: &mut Store,
     list: List,
     plan: impl FnOnce(&mut crate::store::Tx<'_>) -> Result<Vec<Prefix>, StoreError>,
-    mut change: impl FnMut(
-        &mut crate::store::Tx<'_>,
-        &Prefix,
-    ) -> Result<Option<Option<i64>>, StoreError>,
+    change: impl FnMut(&mut crate::store::Tx<'_>, &Prefix) -> Result<Option<Option<i64>>, StoreError>,
     audit: (&str, String),
 ) -> anyhow::Result<usize> {
     let maps = loaded_maps(pins);
     let signals = DeferSignals::new();
-    expire(maps.as_ref(), store)?;
-    let mut pushed: Vec<(Prefix, Option<Option<i64>>)> = Vec::new();
-    let mut bar = None;
-    let result = store.write(|tx| {
-        let prefixes = plan(tx)?;
-        bar = progress(prefixes.len());
-        for prefix in &prefixes {
-            signals.check()?;
-            let before = tx.effective(list, prefix)?;
-            let after = change(tx, prefix)?;
-            // Pushed even when the database did not change, so a kernel entry lost to an
-            // earlier failure comes back.
-            if let Some(maps) = &maps {
-                pushed.push((*prefix, before));
-                push(maps, list, prefix, after)?;
-            }
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-        }
-        tx.audit(OWNER_CLI, audit.0, &audit.1)?;
-        Ok::<_, anyhow::Error>(prefixes.len())
-    });
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    let changed = match result {
-        Ok(n) => n,
-        Err(err) => {
-            if let Some(maps) = &maps {
-                for (prefix, before) in pushed.iter().rev() {
-                    if let Err(undo) = push(maps, list, prefix, *before) {
-                        tracing::error!(%prefix, %undo, "could not undo a kernel change; `apifilter attach` resyncs the kernel with the database");
-                    }
-                }
-            }
-            return Err(err);
-        }
-    };
+    let changed = control::apply(
+        maps.as_ref(),
+        store,
+        Change {
+            list,
+            actor: OWNER_CLI,
+            action: audit.0,
+            detail: audit.1,
+        },
+        plan,
+        change,
+        &|| signals.interrupted(),
+    )?;
     if maps.is_none() {
         eprintln!(
             "note: the filter is not loaded under {}; the change is stored and applies on `apifilter attach`",
@@ -245,40 +193,20 @@ pub fn reconcile(maps: &Maps, tx: &mut crate::store::Tx<'_>) -> anyhow::Result<(
     Ok((updated, removed))
 }
 
-/// Drop claims whose TTL ran out and remove entries left without a live owner from the kernel
-/// (which already ignores them; this keeps the tables and `list` tidy).
-fn expire(maps: Option<&Maps>, store: &mut Store) -> anyhow::Result<()> {
-    store.write(|tx| {
-        for (list, prefix) in tx.purge_expired(unix_ms())? {
-            let effective = tx.effective(list, &prefix)?;
-            if let Some(maps) = maps {
-                push(maps, list, &prefix, effective)?;
-            }
-        }
-        Ok::<_, anyhow::Error>(())
-    })
-}
-
-fn progress(len: usize) -> Option<indicatif::ProgressBar> {
-    if len < 10_000 || !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(len as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{bar:40}] {pos}/{len} entries ({per_sec}, {eta} left)",
-        )
-        .expect("static template")
-        .progress_chars("=> "),
-    );
-    Some(bar)
-}
-
 fn check_everything(prefixes: &[Prefix], force: bool) -> anyhow::Result<()> {
-    if let Some(p) = prefixes.iter().find(|p| p.is_everything())
-        && !force
-    {
+    if force {
+        return Ok(());
+    }
+    if let Some(p) = prefixes.iter().find(|p| p.is_everything()) {
         bail!("refusing {p}: a /0 prefix matches every source; pass --force if you mean it");
+    }
+    if let Some((p, addr)) =
+        crate::lockout::would_lock_out(prefixes, &crate::lockout::operator_addresses())
+    {
+        bail!(
+            "refusing {p}: it covers {addr}, which an operator is connected from over SSH; \
+             allowlist your management addresses, or pass --force if you mean it"
+        );
     }
     Ok(())
 }
@@ -291,31 +219,63 @@ fn attach(
     caps: &Capacities,
 ) -> anyhow::Result<()> {
     require_root("attach")?;
+    let mut store = Store::open(state)?;
+    let signals = DeferSignals::new();
+    attach_ifaces(
+        pins,
+        &mut store,
+        ifaces,
+        mode,
+        caps,
+        OWNER_CLI,
+        &|| signals.interrupted(),
+        &mut |line| println!("{line}"),
+    )
+}
+
+/// Load the filter if needed, bring the kernel in line with the database, and attach `ifaces`
+/// (those already attached are left alone). All or nothing: on failure, what this call attached
+/// is detached again, and a program it loaded is unloaded. `say` gets one line per step.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site each in the CLI and the daemon"
+)]
+pub fn attach_ifaces(
+    pins: &PinDir,
+    store: &mut Store,
+    ifaces: &[String],
+    mode: AttachMode,
+    caps: &Capacities,
+    actor: &str,
+    interrupted: &dyn Fn() -> bool,
+    say: &mut dyn FnMut(String),
+) -> anyhow::Result<()> {
     // Check every name first, so a typo attaches nothing.
     for iface in ifaces {
         loader::ifindex(iface)?;
     }
-    let mut store = Store::open(state)?;
-    let signals = DeferSignals::new();
+    let state = store.path().to_owned();
     let fresh = loader::ensure_loaded(pins, caps)?;
     let maps = Maps::open(pins)?;
     let mut attached_now = Vec::new();
     let result = store.write(|tx| {
         let (updated, removed) = reconcile(&maps, tx)?;
         if updated + removed > 0 {
-            println!(
+            say(format!(
                 "kernel synced with {}: {updated} entries restored or corrected, {removed} removed",
-                state.join("state.db").display()
-            );
+                state.display()
+            ));
         }
         let recorded = tx.read().interfaces()?;
         for iface in ifaces {
-            signals.check()?;
+            if interrupted() {
+                bail!("interrupted; nothing was changed");
+            }
             let ifindex = loader::ifindex(iface)?;
             if pins.link(iface).exists() {
                 let was = recorded.iter().find(|(n, _, _)| n == iface).map(|(_, _, i)| *i);
                 if was.is_none_or(|was| was == ifindex) {
-                    println!("{iface}: already attached");
+                    say(format!("{iface}: already attached"));
                     continue;
                 }
                 // Deleting an interface detaches its XDP link; the pin outlives it. A new
@@ -327,8 +287,8 @@ fn attach(
             attached_now.push(iface.clone());
             maps.assign_slot(ifindex)?;
             tx.set_interface(iface, &used.to_string(), ifindex)?;
-            tx.audit(OWNER_CLI, "attach", &format!("{iface} mode={used}"))?;
-            println!("{iface}: attached ({used} mode)");
+            tx.audit(actor, "attach", &format!("{iface} mode={used}"))?;
+            say(format!("{iface}: attached ({used} mode)"));
         }
         Ok::<_, anyhow::Error>(())
     });
@@ -345,7 +305,8 @@ fn attach(
     Ok(())
 }
 
-fn apply_settings(maps: &Maps, s: &Settings) -> anyhow::Result<()> {
+/// Push the mode and rate limit to the kernel.
+pub fn apply_settings(maps: &Maps, s: &Settings) -> anyhow::Result<()> {
     let mut ports: &[u16] = &[];
     maps.update_config(|c| {
         c.flags &= !(m::CFG_MONITOR | m::CFG_RL_ENABLED | m::CFG_RL_PORTS | m::CFG_RL_SYN_ONLY);

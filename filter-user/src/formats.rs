@@ -6,9 +6,11 @@ use serde::Deserialize;
 use crate::cidr::Prefix;
 
 /// A list format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Format {
     /// Recognise the format from the content.
+    #[default]
     Auto,
     /// One IP or CIDR per line; `#` and `;` start comments.
     Plain,
@@ -76,6 +78,8 @@ pub fn parse_all(
 ) -> Result<Vec<Prefix>, Vec<FormatError>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
+    // Lists saved by Windows tools start with a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, line) in text.lines().enumerate() {
         match parse_line(format, line) {
             Ok(Some(p)) => out.push(p),
@@ -126,6 +130,26 @@ mod tests {
             parse_all(Format::Auto, "t", json, 10).unwrap(),
             vec!["1.10.16.0/20".parse().unwrap()]
         );
+    }
+
+    #[test]
+    fn netset_with_crlf_and_a_byte_order_mark() {
+        let text = "\u{feff}#\r\n# FireHOL netset\r\n#\r\n198.18.0.0/16\r\n2001:db8::1\r\n";
+        let got = parse_all(Format::Netset, "t", text, 10).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                "198.18.0.0/16".parse().unwrap(),
+                "2001:db8::1".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn errors_stop_at_the_cap() {
+        let garbage = "<html>\n".repeat(10_000);
+        let errs = parse_all(Format::Auto, "t", &garbage, 10).unwrap_err();
+        assert_eq!(errs.len(), 10);
     }
 
     #[test]

@@ -77,10 +77,13 @@ pub enum LoaderError {
 }
 
 /// How the program is attached to an interface.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum AttachMode {
     /// Native (driver) mode, falling back to skb mode with a warning.
+    #[default]
     Auto,
     /// Native XDP in the driver: the fast path.
     Native,

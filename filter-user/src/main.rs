@@ -1,6 +1,6 @@
 //! The `apifilter` binary: parse the command line, set up logging, run the command.
 use clap::Parser as _;
-use filter_user::cli::{Cli, LogFormat};
+use filter_user::cli::{Cli, Command, LogFormat};
 
 fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse() {
@@ -11,6 +11,12 @@ fn main() -> std::process::ExitCode {
             std::process::exit(2);
         }
     };
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A one-shot command piped into `head` should end quietly when the pipe closes. The
+        // daemon keeps Rust's default (SIGPIPE ignored): its sockets report EPIPE instead.
+        // SAFETY: restoring the default disposition of a signal.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("APIFILTER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())

@@ -162,6 +162,16 @@ impl Maps {
         })
     }
 
+    /// The drop-event ring buffer, opened on its own (a reader owns it).
+    pub fn events(&self) -> Result<aya::maps::RingBuf<MapData>, MapsError> {
+        let name = m::MAP_EVENTS;
+        aya::maps::RingBuf::try_from(Map::RingBuf(self.raw(name)?)).map_err(|e| MapsError::Open {
+            name,
+            path: self.pins.map(name).display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
     /// A map, opened once. Callers hold at most one at a time.
     fn map(&self, name: &'static str) -> Result<std::cell::RefMut<'_, Map>, MapsError> {
         let mut open = self.open.borrow_mut();

@@ -154,6 +154,13 @@ CREATE TABLE IF NOT EXISTS interfaces (
     ifindex      INTEGER NOT NULL,  -- a different ifindex now means the interface was recreated
     attached_at  INTEGER NOT NULL
 );
+-- Where each source left off (a feed's ETag, the CrowdSec stream position), committed in the same
+-- transaction as the entries it produced, so a restart never half-applies a refresh.
+CREATE TABLE IF NOT EXISTS cursors (
+    key         TEXT PRIMARY KEY,
+    value       TEXT    NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
 ";
 
 /// An audit record.
@@ -217,6 +224,11 @@ impl Store {
         let out = f(&mut tx)?;
         tx.tx.commit().map_err(db)?;
         Ok(out)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Read queries on the database (outside any write transaction).
@@ -322,6 +334,52 @@ impl Reader<'_> {
         rows.iter()
             .map(|p| p.parse().map_err(|_| self.corrupt(p)))
             .collect()
+    }
+
+    /// `owner`'s claims in `list` with their expiry (ms since the epoch; `None` = permanent).
+    pub fn owned_expiry(
+        &self,
+        list: List,
+        owner: &str,
+    ) -> Result<Vec<(Prefix, Option<i64>)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT prefix, expires_at FROM entries WHERE list = ?1 AND owner = ?2")
+            .map_err(self.db())?;
+        let rows: Vec<(String, Option<i64>)> = stmt
+            .query_map(params![list.as_str(), owner], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(self.db())?
+            .collect::<Result<_, _>>()
+            .map_err(self.db())?;
+        rows.into_iter()
+            .map(|(p, e)| Ok((p.parse().map_err(|_| self.corrupt(&p))?, e)))
+            .collect()
+    }
+
+    /// Every owner that holds at least one claim, with its claim count.
+    pub fn owners(&self) -> Result<Vec<(String, usize)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT owner, COUNT(*) FROM entries GROUP BY owner ORDER BY owner")
+            .map_err(self.db())?;
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as usize)))
+            .map_err(self.db())?
+            .collect::<Result<_, _>>()
+            .map_err(self.db())
+    }
+
+    /// A stored cursor (see [`Tx::set_cursor`]).
+    pub fn cursor(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT value FROM cursors WHERE key = ?1",
+                params![key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(self.db())
     }
 
     /// Entries still live at `now_ms` with their effective expiry, for restoring the kernel maps.
@@ -576,6 +634,22 @@ impl Tx<'_> {
             }
         }
         Ok(out)
+    }
+
+    /// Store where a source left off; `None` forgets it.
+    pub fn set_cursor(&mut self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        match value {
+            Some(v) => self.tx.execute(
+                "INSERT INTO cursors (key, value, updated_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                params![key, v, unix_ms()],
+            ),
+            None => self
+                .tx
+                .execute("DELETE FROM cursors WHERE key = ?1", params![key]),
+        }
+        .map_err(self.db())?;
+        Ok(())
     }
 
     /// Append to the audit log.

@@ -4,10 +4,16 @@
 //! - `packet`: a frame builder for IPv4/IPv6, VLAN tags, TCP/UDP/ICMP.
 //! - `model`: a host implementation of `filter_common::Tables` for differential checks.
 //! - `netns`: RAII network namespaces and veth pairs.
+//! - `feedserver`: a blocklist feed server (HTTP and HTTPS) on loopback that a test drives.
+//! - `crowdsec`: a real CrowdSec Local API on loopback, and the bouncer run in-process.
+//! - `daemon`: a running `apifilter run`, signalled and killed on drop.
 //! - `generate`: seeded random rule sets and structure-aware frames.
 //! - `diff`: the differential harness (kernel against model, with shrinking).
 
+pub mod crowdsec;
+pub mod daemon;
 pub mod diff;
+pub mod feedserver;
 pub mod generate;
 pub mod model;
 pub mod netns;

@@ -1,9 +1,10 @@
-//! `cargo xtask`: the project's own build, test, fuzz, lint and demo driver.
+//! `cargo xtask`: the project's own build, test, fuzz, lint, demo and bench driver.
 //!
 //! Run it from anywhere in the workspace (`cargo xtask <command>`, an alias in `.cargo/config.toml`).
 //! Every command that needs the eBPF toolchain runs `setup` first, which is idempotent and takes
 //! seconds once the toolchain is in place.
 
+mod bench;
 mod cmd;
 mod fuzz;
 mod setup;
@@ -45,6 +46,20 @@ enum Command {
     Lint,
     /// Run `setup` and a release build, then the narrated demo in network namespaces (root).
     Demo,
+    /// Run `setup` (plus the peers and tools: nftables, ipset, iptables, nginx, wrk, h2load,
+    /// clang), a release build, then measure apifilter against its peers and write
+    /// BENCHMARKS.md and BENCHMARKS.json (root).
+    Bench {
+        /// Fewer rounds and shorter floods: a full pass in well under 10 minutes on 2 cores.
+        #[arg(long)]
+        quick: bool,
+        /// Run only these sections (repeatable): kernel, flood, bulk, latency, proxy, memory.
+        #[arg(long, value_enum, value_name = "SECTION")]
+        only: Vec<bench::Section>,
+        /// Where to write BENCHMARKS.md and BENCHMARKS.json (default: the repository root).
+        #[arg(long, value_name = "DIR")]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +71,9 @@ fn main() -> ExitCode {
         Command::Fuzz(args) => fuzz::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lint => tasks::lint().map(|()| ExitCode::SUCCESS),
         Command::Demo => tasks::demo().map(|()| ExitCode::SUCCESS),
+        Command::Bench { quick, only, out } => {
+            bench::run(&bench::Options { quick, only, out }).map(|()| ExitCode::SUCCESS)
+        }
     };
     result.unwrap_or_else(|err| {
         eprintln!("xtask: error: {err:#}");
@@ -82,6 +100,23 @@ mod tests {
             Command::Test { args } => assert_eq!(args, ["prog_test_run", "--nocapture"]),
             other => panic!("parsed as {other:?}"),
         }
+    }
+
+    #[test]
+    fn bench_flags() {
+        let cli = Cli::try_parse_from([
+            "xtask", "bench", "--quick", "--only", "kernel", "--only", "flood", "--out", "/tmp/b",
+        ])
+        .expect("parses");
+        match cli.command {
+            Command::Bench { quick, only, out } => {
+                assert!(quick);
+                assert_eq!(only, [bench::Section::Kernel, bench::Section::Flood]);
+                assert_eq!(out.as_deref(), Some(std::path::Path::new("/tmp/b")));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["xtask", "bench", "--only", "nope"]).is_err());
     }
 
     #[test]

@@ -6,7 +6,13 @@
 //!   the binary in `~/.cache/apifilter/bpf-linker/bin`. A stamp file records the nightly it was
 //!   built for, so a new nightly triggers a rebuild and an unchanged one costs nothing.
 //! - bpffs mounted at `/sys/fs/bpf` (root only).
-//! - The Debian tools the integration tests and the demo use (root only; otherwise a hint).
+//! - The Debian tools the tests and the demo use (root only; otherwise a hint), including PyJWT
+//!   for the JWT interop test.
+//! - Debian's `crowdsec` (a real CrowdSec Local API for the bouncer tests). Its post-install step
+//!   registers with the online Central API, which fails offline and leaves dpkg half-configured;
+//!   a non-empty `/etc/crowdsec/online_api_credentials.yaml` written first makes it skip that
+//!   step (and repairs an earlier failed install with `dpkg --configure -a`). Nothing is started:
+//!   the tests run their own LAPI on loopback.
 
 use std::{
     collections::HashSet,
@@ -25,7 +31,8 @@ use crate::cmd::{self, is_root, stdout_of, step};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where bpffs must be mounted.
 const BPFFS: &str = "/sys/fs/bpf";
-/// Debian packages the integration tests and the demo run.
+/// Debian packages the tests and the demo run. PyJWT and `cryptography` mint the tokens that
+/// `filter-user/tests/auth_interop.rs` verifies (Debian's, so no pip step is needed).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -34,6 +41,8 @@ const PACKAGES: &[&str] = &[
     "curl",
     "openssl",
     "python3",
+    "python3-jwt",
+    "python3-cryptography",
 ];
 
 /// How much of the setup a command needs.
@@ -96,6 +105,9 @@ pub fn run(scope: Scope) -> Result<()> {
     }
     if scope == Scope::All {
         bpffs()?;
+        // First: it repairs a dpkg left half-configured by a failed crowdsec install, which
+        // would make every other apt-get install fail.
+        crowdsec()?;
         packages()?;
     }
     println!("setup: done ({:.1} s)", started.elapsed().as_secs_f64());
@@ -315,24 +327,30 @@ fn bpffs() -> Result<()> {
 }
 
 fn packages() -> Result<()> {
-    let missing = match missing_packages() {
+    install(PACKAGES, "the integration tests and the demo")
+}
+
+/// Installs whichever of `packages` dpkg does not report as installed (`apt-get`, as root; as
+/// another user it prints the command instead). `who` names what needs them.
+pub fn install(packages: &[&'static str], who: &str) -> Result<()> {
+    let missing = match missing_packages(packages) {
         Ok(missing) => missing,
         Err(err) => {
             println!(
                 "setup: cannot check Debian packages ({err:#}); make sure these are installed: {}",
-                PACKAGES.join(" ")
+                packages.join(" ")
             );
             return Ok(());
         }
     };
     if missing.is_empty() {
-        println!("setup: packages ok ({})", PACKAGES.join(", "));
+        println!("setup: packages ok ({})", packages.join(", "));
         return Ok(());
     }
     let list = missing.join(" ");
     if !is_root() {
         println!(
-            "setup: missing Debian packages (the integration tests and the demo need them): {list}\n\
+            "setup: missing Debian packages ({who} need them): {list}\n\
              setup: install them as root: apt-get update && apt-get install -y \
              --no-install-recommends {list}"
         );
@@ -352,7 +370,7 @@ fn packages() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still = missing_packages()?;
+    let still = missing_packages(packages)?;
     if !still.is_empty() {
         bail!(
             "apt-get install succeeded but these are still missing: {}",
@@ -363,27 +381,120 @@ fn packages() -> Result<()> {
     Ok(())
 }
 
-/// The entries of [`PACKAGES`] that dpkg does not report as installed.
-fn missing_packages() -> Result<Vec<&'static str>> {
+/// The CrowdSec package, installed apart from [`PACKAGES`] (see the module docs).
+const CROWDSEC: &str = "crowdsec";
+/// Its Central API credentials; non-empty means "already registered", so the post-install step
+/// leaves the (unreachable) Central API alone.
+const CROWDSEC_ONLINE_CREDS: &str = "/etc/crowdsec/online_api_credentials.yaml";
+
+/// dpkg's status of one package (`install ok installed`, `install ok half-configured`, ...).
+fn dpkg_status(package: &str) -> Result<Option<String>> {
+    let out = Command::new("dpkg-query")
+        .args(["--show", "--showformat", "${Status}"])
+        .arg(package)
+        .output()
+        .context("running dpkg-query")?;
+    let status = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    Ok(
+        (out.status.success() && !status.is_empty() && !status.contains("not-installed"))
+            .then_some(status),
+    )
+}
+
+fn crowdsec() -> Result<()> {
+    let status = match dpkg_status(CROWDSEC) {
+        Ok(status) => status,
+        Err(err) => {
+            println!(
+                "setup: cannot check the crowdsec package ({err:#}); the CrowdSec tests need it"
+            );
+            return Ok(());
+        }
+    };
+    if status.as_deref() == Some("install ok installed") {
+        println!("setup: crowdsec ok (a Local API for the tests)");
+        return Ok(());
+    }
+    if !is_root() {
+        println!(
+            "setup: crowdsec is missing (the CrowdSec tests run a Local API): as root, write a \
+             comment line to {CROWDSEC_ONLINE_CREDS}, then apt-get install -y crowdsec"
+        );
+        return Ok(());
+    }
+    let creds = Path::new(CROWDSEC_ONLINE_CREDS);
+    if fs::metadata(creds).map(|m| m.len()).unwrap_or(0) == 0 {
+        fs::create_dir_all(creds.parent().expect("absolute path"))
+            .context("creating /etc/crowdsec")?;
+        fs::write(
+            creds,
+            "# No Central API on this machine: the Local API runs offline.\n",
+        )
+        .with_context(|| format!("writing {CROWDSEC_ONLINE_CREDS}"))?;
+    }
+    if status.is_some() {
+        // Unpacked or half-configured by an earlier attempt: finish configuring it.
+        println!(
+            "setup: crowdsec is {}; configuring it",
+            status.unwrap_or_default()
+        );
+        step(
+            "dpkg --configure -a",
+            Command::new("dpkg")
+                .args(["--configure", "-a"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    } else {
+        println!("setup: installing crowdsec");
+        step(
+            "apt-get update",
+            Command::new("apt-get")
+                .arg("update")
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        step(
+            "apt-get install crowdsec",
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", CROWDSEC])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    match dpkg_status(CROWDSEC)? {
+        Some(s) if s == "install ok installed" => {
+            println!("setup: crowdsec ok (installed)");
+            Ok(())
+        }
+        other => bail!(
+            "crowdsec is not installed properly after setup (dpkg status: {})",
+            other.unwrap_or_else(|| "not installed".into())
+        ),
+    }
+}
+
+/// The entries of `packages` that dpkg does not report as installed.
+fn missing_packages(packages: &[&'static str]) -> Result<Vec<&'static str>> {
     // One query for all of them. dpkg-query exits 1 when it knows nothing about some package,
     // but still lists the others, so only its output counts.
     let out = Command::new("dpkg-query")
         .args(["--show", "--showformat", "${Package} ${Status}\\n"])
-        .args(PACKAGES)
+        .args(packages)
         .output()
         .context("running dpkg-query")?;
-    Ok(missing_from(&String::from_utf8_lossy(&out.stdout)))
+    Ok(missing_from(
+        packages,
+        &String::from_utf8_lossy(&out.stdout),
+    ))
 }
 
-/// The entries of [`PACKAGES`] not listed as `install ok installed` in dpkg-query's output.
-fn missing_from(listing: &str) -> Vec<&'static str> {
+/// The entries of `packages` not listed as `install ok installed` in dpkg-query's output.
+fn missing_from(packages: &[&'static str], listing: &str) -> Vec<&'static str> {
     let installed: HashSet<&str> = listing
         .lines()
         .filter_map(|line| line.split_once(' '))
         .filter(|(_, status)| status.trim() == "install ok installed")
         .map(|(package, _)| package)
         .collect();
-    PACKAGES
+    packages
         .iter()
         .copied()
         .filter(|package| !installed.contains(package))
@@ -426,8 +537,11 @@ mod tests {
         let listing = "iproute2 install ok installed\nethtool deinstall ok config-files\n\
                        bpftool install ok installed\nxdp-tools install ok installed\n\
                        curl install ok installed\nopenssl install ok installed\n";
-        assert_eq!(missing_from(listing), ["ethtool", "python3"]);
-        assert_eq!(missing_from(""), PACKAGES);
+        assert_eq!(
+            missing_from(PACKAGES, listing),
+            ["ethtool", "python3", "python3-jwt", "python3-cryptography"]
+        );
+        assert_eq!(missing_from(PACKAGES, ""), PACKAGES);
     }
 
     #[test]
