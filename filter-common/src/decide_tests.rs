@@ -832,6 +832,50 @@ fn coarse_clock_needs_a_tolerance_of_one_tick() {
     );
 }
 
+/// The rate limiter's clock can be set apart from the boot-time clock (the kernel's two clocks
+/// differ), and a bucket can be put back as it was: what the differential test needs to replay a
+/// decision at the other side of a tick.
+#[test]
+fn coarse_clock_apart_from_boot_clock_and_buckets_restored() {
+    let m = Model::new();
+    m.block("10.9.0.0/16", 5 * SEC);
+    let c = rl(&m, 0, 1, 1);
+    let p = meta("10.0.0.1");
+    m.set_now(2 * SEC);
+    m.set_coarse_now(Some(1_000 * SEC));
+    assert_eq!(m.decide(&c, &p), Reason::Pass);
+    let key = RateKey::V4([10, 0, 0, 1]);
+    let after_first = m.rate(&key).expect("bucket");
+    assert_eq!(
+        after_first.tat_ns,
+        1_000 * SEC + SEC,
+        "the bucket runs on the coarse clock"
+    );
+    assert_eq!(m.decide(&c, &p), Reason::DropRatelimit);
+    m.set_rate(&key, Some(after_first));
+    m.set_coarse_now(Some(1_001 * SEC));
+    assert_eq!(
+        m.decide(&c, &p),
+        Reason::Pass,
+        "a token later, from the restored bucket"
+    );
+    m.set_rate(&key, None);
+    assert_eq!(m.rate(&key), None);
+    // Expiry still reads the boot-time clock.
+    m.set_now(6 * SEC);
+    assert_eq!(m.decide(&c, &meta("10.9.0.1")), Reason::Pass);
+    m.set_coarse_now(None);
+    assert_eq!(
+        m.decide(&c, &meta("10.8.0.1")),
+        Reason::Pass,
+        "coarse clock follows now again"
+    );
+    assert_eq!(
+        m.rate(&RateKey::V4([10, 8, 0, 1])).unwrap().tat_ns,
+        6 * SEC + SEC
+    );
+}
+
 #[test]
 fn sources_have_separate_buckets() {
     let m = Model::new();

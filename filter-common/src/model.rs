@@ -12,7 +12,8 @@
 //! exists, and writes through it are sound behind `&self`.
 //!
 //! The clock is one settable value; the rate limiter's coarse clock is that value, optionally
-//! rounded down to a tick ([`Model::set_coarse_tick`]).
+//! rounded down to a tick ([`Model::set_coarse_tick`]), or a second settable value
+//! ([`Model::set_coarse_now`]) for tests that drive it with the kernel's own coarse clock.
 //!
 //! Enabled for this crate's own tests and, for other crates, by the `model` feature (it uses std).
 
@@ -208,6 +209,7 @@ pub struct Model {
     now: Cell<u64>,
     now_calls: Cell<u64>,
     coarse_tick: Cell<u64>,
+    coarse_now: Cell<Option<u64>>,
     allow_v4: Lpm<4>,
     allow_v6: Lpm<16>,
     block_v4: Hosts<4>,
@@ -231,6 +233,7 @@ impl Model {
             now: Cell::new(1_000_000_000),
             now_calls: Cell::new(0),
             coarse_tick: Cell::new(0),
+            coarse_now: Cell::new(None),
             allow_v4: Lpm::new(),
             allow_v6: Lpm::new(),
             block_v4: Hosts::new(),
@@ -267,6 +270,13 @@ impl Model {
     /// `bpf_ktime_get_coarse_ns` (one jiffy). 0 (the default) = exact, the same as the clock.
     pub fn set_coarse_tick(&self, tick_ns: u64) {
         self.coarse_tick.set(tick_ns);
+    }
+
+    /// Set the rate limiter's clock ([`Tables::now_coarse`]) apart from the boot-time clock, as
+    /// the kernel's two clocks are (`CLOCK_MONOTONIC_COARSE` and `CLOCK_BOOTTIME`). `None`
+    /// returns to deriving it from the boot-time clock.
+    pub fn set_coarse_now(&self, ns: Option<u64>) {
+        self.coarse_now.set(ns);
     }
 
     /// Insert an entry or replace its expiry, keeping its hit counter (like the controller's
@@ -380,6 +390,19 @@ impl Model {
         self.rates.borrow().keys().copied().collect()
     }
 
+    /// Replace (`Some`) or forget (`None`) one source's token bucket.
+    pub fn set_rate(&self, key: &RateKey, state: Option<RateState>) {
+        let mut rates = self.rates.borrow_mut();
+        match state {
+            Some(s) => {
+                rates.insert(*key, slot(s));
+            }
+            None => {
+                rates.remove(key);
+            }
+        }
+    }
+
     /// Forget every token bucket.
     pub fn clear_rates(&self) {
         self.rates.borrow_mut().clear();
@@ -404,6 +427,9 @@ impl Tables for Model {
         self.now.get()
     }
     fn now_coarse(&self) -> u64 {
+        if let Some(now) = self.coarse_now.get() {
+            return now;
+        }
         let now = self.now.get();
         match self.coarse_tick.get() {
             0 => now,

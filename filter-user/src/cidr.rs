@@ -250,3 +250,120 @@ mod tests {
         assert!(p("2001:db8::/32").contains(&p("2001:db8:1::5")));
     }
 }
+
+/// Property tests of prefix parsing.
+///
+/// Bound held: any string of up to 64 characters (any Unicode, or drawn from the characters of
+/// addresses and prefixes) parses without panicking, to a prefix with no host bits or to an error
+/// that quotes the input and is at most 160 bytes longer than the quoted input; every prefix
+/// prints as text that parses back to it (IPv4-mapped IPv6 prefixes of /96 or longer come back
+/// as the IPv4 prefix they name). 256 cases per property by default; `PROPTEST_CASES` raises it.
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// Longest extra text an error adds around the quoted input.
+    const ERROR_OVERHEAD_MAX: usize = 160;
+
+    fn addrs() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<u32>().prop_map(|a| IpAddr::V4(Ipv4Addr::from(a))),
+            any::<u128>().prop_map(|a| IpAddr::V6(Ipv6Addr::from(a))),
+            any::<u32>().prop_map(|a| IpAddr::V6(Ipv4Addr::from(a).to_ipv6_mapped())),
+        ]
+    }
+
+    fn prefixes() -> impl Strategy<Value = Prefix> {
+        (addrs(), 0u8..=128).prop_map(|(a, len)| Prefix::new_truncating(a, len))
+    }
+
+    /// Prefixes shorter than a host.
+    fn networks() -> impl Strategy<Value = Prefix> {
+        prop_oneof![
+            (any::<u32>(), 0u8..32)
+                .prop_map(|(a, l)| Prefix::new_truncating(IpAddr::V4(a.into()), l)),
+            (any::<u128>(), 0u8..128)
+                .prop_map(|(a, l)| Prefix::new_truncating(IpAddr::V6(a.into()), l)),
+        ]
+    }
+
+    /// Strings made of what addresses are made of, so many are near misses.
+    fn near_misses() -> impl Strategy<Value = String> {
+        "[0-9a-fA-F:./ x-]{0,64}"
+    }
+
+    fn check_parse(input: &str) -> Result<(), TestCaseError> {
+        match input.parse::<Prefix>() {
+            Ok(p) => {
+                prop_assert_eq!(Prefix::new_truncating(p.addr(), p.len()), p);
+                prop_assert!(p.len() <= max_len(&p.addr()), "{p}: length out of range");
+                prop_assert!(p.addr().to_canonical() == p.addr(), "{p} is not normalised");
+            }
+            Err(e) => {
+                let quoted = format!("{input:?}");
+                let msg = e.to_string();
+                prop_assert!(msg.contains(&quoted), "{msg} does not name {quoted}");
+                prop_assert!(msg.len() <= quoted.len() + ERROR_OVERHEAD_MAX, "{msg}");
+                if let CidrError::HostBits { suggestion, .. } = e {
+                    prop_assert_eq!(suggestion.to_string().parse::<Prefix>(), Ok(suggestion));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_parses_or_names_itself(input in "\\PC{0,64}") {
+            check_parse(&input)?;
+        }
+
+        #[test]
+        fn near_misses_parse_or_name_themselves(input in near_misses()) {
+            check_parse(&input)?;
+        }
+
+        /// Display then parse is the identity, up to IPv4-mapped normalisation.
+        #[test]
+        fn display_parses_back(p in prefixes()) {
+            let back: Prefix = p.to_string().parse().map_err(|e| TestCaseError::fail(format!("{p}: {e}")))?;
+            let want = match p.addr() {
+                IpAddr::V6(a) if p.len() >= 96 => match a.to_ipv4_mapped() {
+                    Some(v4) => Prefix::new_truncating(IpAddr::V4(v4), p.len() - 96),
+                    None => p,
+                },
+                _ => p,
+            };
+            prop_assert_eq!(back, want);
+            // And the text is stable from then on.
+            prop_assert_eq!(back.to_string().parse::<Prefix>(), Ok(back));
+        }
+
+        /// Surrounding whitespace is ignored; a host has no `/len` in its text.
+        #[test]
+        fn whitespace_and_host_form(p in prefixes(), pre in "[ \t]{0,3}", post in "[ \t]{0,3}") {
+            let text = p.to_string();
+            prop_assert_eq!(format!("{pre}{text}{post}").parse::<Prefix>(), text.parse::<Prefix>());
+            prop_assert_eq!(text.contains('/'), !p.is_host());
+        }
+
+        /// Setting any host bit is refused with the network it probably meant.
+        #[test]
+        fn host_bits_are_refused(p in networks(), bit in 0u32..128) {
+            let max = u32::from(max_len(&p.addr()));
+            prop_assume!(p.addr().to_canonical() == p.addr());
+            let bit = bit % (max - u32::from(p.len()));
+            let addr = match p.addr() {
+                IpAddr::V4(a) => IpAddr::V4(Ipv4Addr::from(u32::from(a) | 1 << bit)),
+                IpAddr::V6(a) => IpAddr::V6(Ipv6Addr::from(u128::from(a) | 1 << bit)),
+            };
+            let input = format!("{addr}/{}", p.len());
+            match input.parse::<Prefix>() {
+                Err(CidrError::HostBits { suggestion, .. }) => prop_assert_eq!(suggestion, p),
+                other => prop_assert!(false, "{input}: {other:?}"),
+            }
+        }
+    }
+}

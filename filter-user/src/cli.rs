@@ -359,3 +359,62 @@ mod tests {
         assert!(matches!(cli.command, Command::Stats { watch: Some(w), .. } if w == 10.0));
     }
 }
+
+/// Property tests of the `--ttl` parser.
+///
+/// Bound held: any string of up to 64 characters parses without panicking to a duration of more
+/// than zero and at most 100 years, or to an error quoting the input; every duration in that
+/// range, written the way `humantime` writes it, parses back to itself, and every integer
+/// number of seconds, minutes, hours or days written with its unit parses to that many seconds.
+/// 256 cases per property by default; `PROPTEST_CASES` raises it.
+#[cfg(test)]
+mod proptests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const HUNDRED_YEARS: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+    fn check(s: &str) -> Result<(), TestCaseError> {
+        match parse_ttl(s) {
+            Ok(d) => prop_assert!(!d.is_zero() && d <= HUNDRED_YEARS, "{s:?} gave {d:?}"),
+            Err(e) => prop_assert!(e.contains(&format!("{s:?}")), "{e}"),
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_parses_or_names_itself(s in "\\PC{0,64}") {
+            check(&s)?;
+        }
+
+        #[test]
+        fn duration_like_text_parses_or_names_itself(
+            s in "[0-9]{0,24}[ .]?(ns|us|ms|s|m|h|d|w|M|y|sec|min|hour|days|years)?([ ]?[0-9]{1,20}[a-z]{0,5}){0,3}",
+        ) {
+            check(&s)?;
+        }
+
+        #[test]
+        fn written_durations_parse_back(secs in 1u64..=HUNDRED_YEARS.as_secs(), nanos in 0u32..1_000_000_000) {
+            let d = Duration::new(secs, nanos).min(HUNDRED_YEARS);
+            let text = humantime::format_duration(d).to_string();
+            prop_assert_eq!(parse_ttl(&text), Ok(d), "{}", text);
+        }
+
+        #[test]
+        fn whole_units(n in 1u64..=36_500, unit in prop::sample::select(vec![("s", 1u64), ("m", 60), ("h", 3_600), ("d", 86_400)])) {
+            let (suffix, secs) = unit;
+            let d = Duration::from_secs(n * secs);
+            let got = parse_ttl(&format!("{n}{suffix}"));
+            if d <= HUNDRED_YEARS {
+                prop_assert_eq!(got, Ok(d));
+            } else {
+                prop_assert!(got.is_err());
+            }
+        }
+    }
+}

@@ -173,3 +173,112 @@ mod tests {
         assert!(errs[0].reason.contains("invalid JSON"));
     }
 }
+
+/// Property tests of the list formats.
+///
+/// Bound held: any line of up to 200 characters, in every format, parses without panicking; a
+/// prefix written with any surrounding whitespace, comment or trailing field (plain, netset,
+/// Spamhaus text) or as a Spamhaus JSON record comes back as that prefix; a line that is not an
+/// address is refused with an error quoting it; and a whole list of up to 64 lines yields at most
+/// one prefix per line and at most `max_errors` errors, each naming its source and a line that
+/// exists. 256 cases per property by default; `PROPTEST_CASES` raises it.
+#[cfg(test)]
+mod proptests {
+    use std::net::IpAddr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const FORMATS: [Format; 4] = [
+        Format::Auto,
+        Format::Plain,
+        Format::Netset,
+        Format::Spamhaus,
+    ];
+
+    fn prefixes() -> impl Strategy<Value = Prefix> {
+        prop_oneof![
+            (any::<u32>(), 0u8..=32)
+                .prop_map(|(a, l)| Prefix::new_truncating(IpAddr::V4(a.into()), l)),
+            (any::<u128>(), 0u8..=128)
+                .prop_map(|(a, l)| Prefix::new_truncating(IpAddr::V6(a.into()), l)),
+        ]
+    }
+
+    /// Lines that look like list lines, and lines that are anything at all.
+    fn lines() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,200}",
+            "[0-9a-f:./ #;{}\"\t,a-z]{0,200}",
+            (prefixes(), "[ \t]{0,2}[#;]?[ -~]{0,30}").prop_map(|(p, tail)| format!("{p}{tail}")),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_line_parses_or_fails_cleanly(line in lines()) {
+            for format in FORMATS {
+                if let Ok(Some(p)) = parse_line(format, &line) {
+                    // Whatever comes out is a prefix the CLI would accept as typed.
+                    prop_assert_eq!(p.to_string().parse::<Prefix>(), Ok(p));
+                }
+            }
+        }
+
+        #[test]
+        fn written_prefixes_come_back(
+            p in prefixes(),
+            lead in "[ \t]{0,3}",
+            tail in prop_oneof![
+                Just(String::new()),
+                "[ \t]{1,3}",
+                "[ \t]*[#;][ -~]{0,30}",
+                "[ \t]{1,3}[!-~&&[^#;]]{1,12}",
+            ],
+        ) {
+            let p = p.to_string().parse::<Prefix>().expect("normalised");
+            let line = format!("{lead}{p}{tail}");
+            for format in FORMATS {
+                prop_assert_eq!(parse_line(format, &line), Ok(Some(p)), "{:?}: {:?}", format, line);
+            }
+            let json = format!("{{\"cidr\":\"{p}\",\"sblid\":\"SBL1\",\"rir\":\"ripencc\"}}");
+            for format in [Format::Auto, Format::Spamhaus] {
+                prop_assert_eq!(parse_line(format, &json), Ok(Some(p)));
+            }
+        }
+
+        #[test]
+        fn garbage_is_refused_naming_it(token in "[g-zG-Z!-\"$-*<-@\\[-`|~][!-~&&[^#;]]{0,30}") {
+            for format in FORMATS {
+                match parse_line(format, &token) {
+                    Err(e) => prop_assert!(e.contains(&format!("{token:?}")), "{:?}: {}", format, e),
+                    Ok(v) => prop_assert!(false, "{:?} accepted {:?} as {:?}", format, token, v),
+                }
+            }
+        }
+
+        #[test]
+        fn whole_lists_are_bounded(
+            lines in proptest::collection::vec(lines(), 0..64),
+            max_errors in 1usize..8,
+        ) {
+            let text = lines.join("\n");
+            let count = text.lines().count();
+            for format in FORMATS {
+                match parse_all(format, "feed.txt", &text, max_errors) {
+                    Ok(prefixes) => prop_assert!(prefixes.len() <= count),
+                    Err(errors) => {
+                        prop_assert!(!errors.is_empty() && errors.len() <= max_errors);
+                        for e in &errors {
+                            prop_assert!((1..=count).contains(&e.line));
+                            let shown = e.to_string();
+                            let prefix = format!("feed.txt:{}: ", e.line);
+                            prop_assert!(shown.starts_with(&prefix), "{}", shown);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

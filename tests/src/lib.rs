@@ -8,10 +8,14 @@
 //! - `crowdsec`: a real CrowdSec Local API on loopback, and the bouncer run in-process.
 //! - `daemon`: a running `apifilter run`, signalled and killed on drop.
 //! - `proxy`: certificates, an upstream, the proxy in-process, and TLS clients for the proxy tests.
+//! - `generate`: seeded random rule sets and structure-aware frames.
+//! - `diff`: the differential harness (kernel against model, with shrinking).
 
 pub mod crowdsec;
 pub mod daemon;
+pub mod diff;
 pub mod feedserver;
+pub mod generate;
 pub mod model;
 pub mod netns;
 pub mod packet;

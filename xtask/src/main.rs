@@ -1,4 +1,4 @@
-//! `cargo xtask`: the project's own build, test, lint, demo and bench driver.
+//! `cargo xtask`: the project's own build, test, fuzz, lint, demo and bench driver.
 //!
 //! Run it from anywhere in the workspace (`cargo xtask <command>`, an alias in `.cargo/config.toml`).
 //! Every command that needs the eBPF toolchain runs `setup` first, which is idempotent and takes
@@ -6,6 +6,7 @@
 
 mod bench;
 mod cmd;
+mod fuzz;
 mod setup;
 mod tasks;
 
@@ -38,6 +39,9 @@ enum Command {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// The long reliability run (root): the differential test of the XDP program against the
+    /// host model with many more frames, and the parsers' property tests with many more cases.
+    Fuzz(fuzz::FuzzArgs),
     /// rustfmt check, clippy on the host crates and clippy on the eBPF crate (nightly).
     Lint,
     /// Run `setup` and a release build, then the narrated demo in network namespaces (root).
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         Command::Setup => setup::run(setup::Scope::All).map(|()| ExitCode::SUCCESS),
         Command::Build { release } => tasks::build(release).map(|()| ExitCode::SUCCESS),
         Command::Test { args } => tasks::test(&args).map(|()| ExitCode::SUCCESS),
+        Command::Fuzz(args) => fuzz::run(args).map(|()| ExitCode::SUCCESS),
         Command::Lint => tasks::lint().map(|()| ExitCode::SUCCESS),
         Command::Demo => tasks::demo().map(|()| ExitCode::SUCCESS),
         Command::Bench { quick, only, out } => {
@@ -112,6 +117,16 @@ mod tests {
             other => panic!("parsed as {other:?}"),
         }
         assert!(Cli::try_parse_from(["xtask", "bench", "--only", "nope"]).is_err());
+    }
+
+    #[test]
+    fn fuzz_takes_a_seed_and_a_packet_count() {
+        let cli = Cli::try_parse_from(["xtask", "fuzz", "--seed", "0x2a", "--packets", "1_000"])
+            .expect("parses");
+        match cli.command {
+            Command::Fuzz(args) => assert_eq!((args.seed, args.packets), (Some(42), 1_000)),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 
     #[test]
