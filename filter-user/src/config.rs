@@ -512,3 +512,42 @@ mod tests {
         assert!(e.contains("loud"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! Config text is operator input: any text parses or fails with an error naming the file,
+    //! never a panic; and every line of the example config, mangled, does the same. Bound: the
+    //! TOML parser and `validate()` are linear in the text.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../../packaging/apifilter.toml");
+
+    proptest! {
+        #[test]
+        fn any_text_parses_or_names_the_file(text in "\\PC{0,300}") {
+            if let Err(e) = Config::parse("fuzz.toml", &text) {
+                prop_assert!(e.to_string().contains("fuzz.toml"), "{e}");
+            }
+        }
+
+        #[test]
+        fn a_mangled_example_parses_or_names_the_file(
+            line in 0usize..200,
+            cut in 0usize..80,
+            junk in "[ -~]{0,12}",
+        ) {
+            let mut lines: Vec<String> = EXAMPLE.lines().map(str::to_owned).collect();
+            let i = line % lines.len();
+            let l = &lines[i];
+            let at = l.char_indices().nth(cut).map_or(l.len(), |(b, _)| b);
+            lines[i] = format!("{}{junk}", &l[..at]);
+            let text = lines.join("\n");
+            if let Err(e) = Config::parse("fuzz.toml", &text) {
+                let e = e.to_string();
+                prop_assert!(e.contains("fuzz.toml") && !e.contains('\n'), "{e}");
+            }
+        }
+    }
+}

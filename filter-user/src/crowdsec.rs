@@ -2137,3 +2137,44 @@ mod tests {
         assert_eq!(backoff(20, Duration::from_secs(1)), Duration::from_secs(6));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    //! The LAPI's answers are input from the network: any bytes decode to an error or to
+    //! decisions, never a panic; any decision value and duration is either refused or becomes a
+    //! prefix that round-trips. Bound: serde_json and the duration parser are linear in the input.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_stream_body_decodes_or_errs(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = serde_json::from_slice::<StreamResponse>(&body);
+        }
+
+        #[test]
+        fn json_shaped_streams_never_panic(
+            value in "[0-9a-f:./]{0,45}",
+            scope in prop_oneof![Just("Ip"), Just("Range"), Just("ip"), Just("range"), Just("Country"), Just("")],
+            duration in "-?[0-9]{0,6}(\\.[0-9]{0,3})?(h|m|s|ms|us|µs|ns)?([0-9]{1,3}(m|s))?",
+        ) {
+            let body = serde_json::json!({
+                "new": [{"id": 1, "origin": "cscli", "type": "ban", "scope": scope, "value": value, "duration": duration, "scenario": "x"}],
+                "deleted": null,
+            });
+            let r: StreamResponse = serde_json::from_value(body).unwrap();
+            let d = &r.new[0];
+            let _ = parse_go_duration(&d.duration);
+            if let Some(p) = decision_prefix(d) {
+                prop_assert_eq!(p.to_string().parse::<Prefix>().unwrap(), p);
+                prop_assert!(!p.is_everything() || p.len() == 0);
+            }
+        }
+
+        #[test]
+        fn go_durations_never_panic(s in "\\PC{0,40}") {
+            let _ = parse_go_duration(&s);
+        }
+    }
+}

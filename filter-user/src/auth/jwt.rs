@@ -623,6 +623,38 @@ fn parse_jwks(text: &[u8], allowed: &[Algorithm], allow_secret: bool) -> Result<
 }
 
 /// One JWK as a [`Key`]; `Ok(None)` for keys that are not for signatures.
+/// EC coordinates at their full width. Some issuers (PyJWT before 2.7 among them) drop leading
+/// zero bytes from `x` and `y`, which RFC 7518 forbids; about one key in 128 has one, and its
+/// tokens would fail to verify. Padding them back is unambiguous.
+fn pad_ec_coordinates(entry: &Value) -> Value {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut entry = entry.clone();
+    let width = match entry.get("crv").and_then(Value::as_str) {
+        Some("P-256") => 32,
+        Some("P-384") => 48,
+        _ => return entry,
+    };
+    if entry.get("kty").and_then(Value::as_str) != Some("EC") {
+        return entry;
+    }
+    for coord in ["x", "y"] {
+        let Some(bytes) = entry
+            .get(coord)
+            .and_then(Value::as_str)
+            .and_then(|v| b64.decode(v).ok())
+        else {
+            continue;
+        };
+        if bytes.len() < width {
+            let mut full = vec![0u8; width - bytes.len()];
+            full.extend_from_slice(&bytes);
+            entry[coord] = Value::String(b64.encode(full));
+        }
+    }
+    entry
+}
+
 fn jwk_key(
     entry: &Value,
     allowed: &[Algorithm],
@@ -635,7 +667,7 @@ fn jwk_key(
     {
         return Ok(None);
     }
-    let jwk: Jwk = serde_json::from_value(entry.clone()).map_err(|e| e.to_string())?;
+    let jwk: Jwk = serde_json::from_value(pad_ec_coordinates(entry)).map_err(|e| e.to_string())?;
     let (family, default) = match &jwk.algorithm {
         AlgorithmParameters::RSA(_) => (AlgorithmFamily::Rsa, Algorithm::RS256),
         AlgorithmParameters::EllipticCurve(p) => match p.curve {
@@ -760,4 +792,10 @@ impl Jwks {
             };
         }
     }
+}
+
+/// [`pad_ec_coordinates`], for the unit tests.
+#[cfg(test)]
+pub(crate) fn pad_ec_coordinates_for_tests(entry: &Value) -> Value {
+    pad_ec_coordinates(entry)
 }

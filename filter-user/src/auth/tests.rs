@@ -1442,3 +1442,71 @@ fn the_documented_example_parses_and_validates() {
     assert_eq!(cfg.api_keys.len(), 2);
     assert!(cfg.jwt.is_some() && cfg.introspection.is_some() && cfg.rate_limit.is_some());
 }
+
+mod fuzz {
+    //! Hostile tokens: whatever a client puts in `Authorization: Bearer`, checking it never panics
+    //! and never lets the request in without a valid signature. Bound: a token is split and
+    //! decoded once (linear in its length); the header size limit of the proxy caps the length.
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof![
+            // Random bytes, base64url-encoded (valid encoding, garbage content).
+            proptest::collection::vec(any::<u8>(), 0..64).prop_map(|b| b64(&b)),
+            // JSON headers with hostile algorithms and key ids.
+            (
+                prop_oneof![
+                    Just("none"),
+                    Just("None"),
+                    Just("HS256"),
+                    Just("RS256"),
+                    Just("ES256"),
+                    Just("EdDSA"),
+                    Just("HS512"),
+                    Just("")
+                ],
+                "[a-z0-9-]{0,8}"
+            )
+                .prop_map(|(alg, kid)| b64(
+                    format!(r#"{{"alg":"{alg}","kid":"{kid}","typ":"JWT"}}"#).as_bytes()
+                )),
+            // Claims that would pass every check, if only the signature were good.
+            Just(b64(
+                br#"{"sub":"mallory","iss":"https://id.test","aud":"api","exp":4102444800,"roles":["admin"]}"#
+            )),
+            // Not base64 at all.
+            "[ -~]{0,40}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+        #[test]
+        fn forged_tokens_never_pass(parts in proptest::collection::vec(segment(), 1..5)) {
+            let token = parts.join(".");
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let outcome = rt.block_on(async {
+                let a = auth(&jwt_config("")).await;
+                Req::get("/x").bearer(&token).check(&a).await
+            });
+            prop_assert!(
+                matches!(outcome, Outcome::Unauthenticated { .. }),
+                "{token:?} gave {outcome:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn short_ec_jwk_coordinates_are_padded() {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut x = vec![0u8; 1];
+    x.extend_from_slice(&[7u8; 31]);
+    let short = serde_json::json!({"kty": "EC", "crv": "P-256", "x": b64.encode(&x[1..]), "y": b64.encode([9u8; 32])});
+    let padded = super::jwt::pad_ec_coordinates_for_tests(&short);
+    assert_eq!(b64.decode(padded["x"].as_str().unwrap()).unwrap(), x);
+    assert_eq!(padded["y"], short["y"]);
+}
