@@ -115,11 +115,13 @@ fn wait_listening(ns: &Netns, port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let out = sys::run_text(ns.command("ss").args(["-Hltn"]))?;
-        if out.contains(&format!("127.0.0.1:{port}")) {
+        // 127.0.0.1:PORT or 0.0.0.0:PORT
+        if out.contains(&format!("127.0.0.1:{port} ")) || out.contains(&format!("0.0.0.0:{port} "))
+        {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("nothing listens on 127.0.0.1:{port}");
+            bail!("nothing listens on port {port}");
         }
         thread::sleep(Duration::from_millis(50));
     }
