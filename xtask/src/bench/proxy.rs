@@ -577,18 +577,13 @@ ctx.check_hostname = False
 ctx.verify_mode = ssl.CERT_NONE
 s = socket.create_connection((dst, port), timeout=5, source_address=(src, 0))
 t = ctx.wrap_socket(s, server_hostname="localhost")
-req = ("GET /search?q=1%27%20OR%20%271%27%3D%271 HTTP/1.1
-Host: localhost
-"
-       "x-api-key: " + key + "
-
-").encode()
+req = ("GET /search?q=1%27%20OR%20%271%27%3D%271 HTTP/1.1\r\nHost: localhost\r\n"
+       "x-api-key: " + key + "\r\n\r\n").encode()
 t0 = time.monotonic_ns()
 t.sendall(req)
 print(t0, flush=True)
 try:
-    line = t.recv(200).split(b"
-")[0].decode(errors="replace")
+    line = t.recv(200).split(b"\r\n")[0].decode(errors="replace")
 except Exception as e:
     line = repr(e)
 print(line, flush=True)
