@@ -444,8 +444,9 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         .peer("nginx", nginx.keepalive.p99);
         if targets {
             r = r.peer_plus_target(1.0).gap(
-                "with 50 connections on one core the latency is mostly queueing behind the \
-                 other connections' requests, so it follows the requests/s row",
+                "wrk keeps 50 requests in flight, so a request's latency is mostly waiting \
+                 behind the others on the proxy's one core: the mean is 50 ÷ requests/s \
+                 (Little's law), and the p99 falls as the requests/s row rises",
             );
         }
         rows.push(r);
