@@ -46,6 +46,8 @@ pub enum Section {
     Proxy,
     /// Memory: kernel maps (from `kernel`) and the daemon.
     Memory,
+    /// The proxy's attack detection on the development corpus (no peer).
+    Detection,
 }
 
 /// Options of `cargo xtask bench`.
@@ -171,6 +173,22 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
 
+    let mut extra = Vec::new();
+    if wants(Section::Detection) && !sys::interrupted() {
+        println!("==> bench: detection");
+        match detection() {
+            Ok(md) => extra.push(("7. Attack detection (the proxy)".to_owned(), md)),
+            Err(err) => {
+                eprintln!("bench: detection failed: {err:#}");
+                extra.push((
+                    "7. Attack detection (the proxy)".to_owned(),
+                    format!("failed: {err:#}\n"),
+                ));
+                failed.push("detection");
+            }
+        }
+    }
+
     if sys::interrupted() {
         sys::sweep();
         bail!("bench: interrupted; cleaned up, wrote no report");
@@ -183,6 +201,7 @@ pub fn run(opts: &Options) -> Result<()> {
             .to_owned(),
         commands: commands(opts),
         quick: opts.quick,
+        extra,
         notes: vec![
             format!(
                 "Load average when the run started: {load} (on {} cores). Other work shares a \
@@ -209,7 +228,30 @@ fn static_name(s: Section) -> &'static str {
         Section::Latency => "latency",
         Section::Proxy => "proxy",
         Section::Memory => "memory",
+        Section::Detection => "detection",
     }
+}
+
+/// The detection figures: the `detection_report` example's markdown, run in release mode.
+fn detection() -> Result<String> {
+    let out = cargo()
+        .args(["run", "--quiet", "--package", "filter-user", "--release"])
+        .args(["--example", "detection_report"])
+        .output()
+        .context("running the detection_report example")?;
+    if !out.status.success() {
+        bail!(
+            "detection_report failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(format!(
+        "Share of the development corpus (`shared/corpora/dev`) detected at the default threshold, \
+         per category and where the payload is sent, false positives, and inspection cost per \
+         request (one core). Reproduce: `cargo run -p filter-user --release --example \
+         detection_report`; `tests` holds these figures from falling (`filter-user/tests/detection.rs`).\n\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    ))
 }
 
 /// The command that produced the report, and what it runs for each peer.

@@ -199,6 +199,8 @@ pub struct Report {
     pub quick: bool,
     /// Lines about the run as a whole (load, run time).
     pub notes: Vec<String>,
+    /// Sections given as markdown (title, body), after the tables.
+    pub extra: Vec<(String, String)>,
 }
 
 impl Report {
@@ -299,6 +301,9 @@ impl Report {
                     let _ = writeln!(s, "- *{}*: {}", r.measurement, r.note);
                 }
             }
+        }
+        for (title, body) in &self.extra {
+            let _ = writeln!(s, "\n## {title}\n\n{}", body.trim_end());
         }
         let _ = writeln!(s, "\n## Commands\n");
         let _ = writeln!(s, "```sh");
