@@ -1,25 +1,21 @@
 //! Section 4: block latency. A UDP flow runs from a client namespace to a server namespace where
-//! apifilter is attached (native XDP), one datagram every 100 µs or a little more, each carrying its send time.
-//! Each trial runs `apifilter block SRC`, then finds the first datagram sent after the last one
-//! that arrived: that is the first one the kernel dropped. The latency is from the command's
-//! return to that datagram's send time (0 when the kernel dropped it before the command
-//! returned), and from the command's start, for context. Then `unblock`, and the flow resumes.
+//! apifilter is attached (native XDP), one datagram every 100 µs or a little more, each carrying
+//! its send time. Each trial blocks the client, then finds the first datagram sent after the last
+//! one that arrived: that is the first one the kernel dropped; then it unblocks and the flow
+//! resumes.
+//!
+//! - `apifilter block SRC`: latency from the command's return to that datagram's send time (0
+//!   when the kernel dropped it before the command returned), and from the command's start.
+//! - CrowdSec: a real LAPI on loopback and `apifilter run` with `[crowdsec]` (pull interval 1 s);
+//!   `cscli decisions add --ip SRC` → first dropped datagram, then `cscli decisions delete`.
 
-use std::{
-    collections::VecDeque,
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
-    thread,
-    time::{Duration, Instant},
-};
+use std::{net::Ipv4Addr, time::Duration};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 
 use super::{
     Ctx,
+    daemon::{Daemon, Flow, Lapi, mono_ns},
     report::Row,
     sys::{self, Instance, Netns},
 };
@@ -29,43 +25,17 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 255, 1);
 const PORT: u16 = 9000;
 /// Gap between datagrams: the resolution of the measurement.
 const GAP: Duration = Duration::from_micros(100);
+/// The CrowdSec bouncer's pull interval in the bench.
+const CROWDSEC_PULL: Duration = Duration::from_secs(1);
 
-/// The running flow: what was sent (times, since `base`) and the send time of the last arrival.
-struct Flow {
-    base: Instant,
-    stop: AtomicBool,
-    sent: Mutex<VecDeque<u64>>,
-    last_arrival: AtomicU64,
-}
-
-impl Flow {
-    fn now(&self) -> u64 {
-        self.base.elapsed().as_nanos() as u64
-    }
-
-    /// Waits until a datagram sent after `t` arrives.
-    fn wait_flowing(&self, t: u64) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while self.last_arrival.load(Ordering::Acquire) <= t {
-            if Instant::now() > deadline {
-                bail!("the flow does not get through (nothing sent after the unblock arrived)");
-            }
-            thread::sleep(Duration::from_millis(1));
-        }
-        Ok(())
-    }
-
-    /// The send time of the first datagram sent after the last arrival.
-    fn first_dropped(&self) -> Option<u64> {
-        let last = self.last_arrival.load(Ordering::Acquire);
-        let sent = self.sent.lock().ok()?;
-        sent.iter().copied().find(|&t| t > last)
-    }
+fn ms(a: u64, b: u64) -> f64 {
+    (a as f64 - b as f64) / 1e6
 }
 
 /// Runs the section.
 pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let trials = if ctx.quick { 50 } else { 200 };
+    let cs_trials = if ctx.quick { 20 } else { 60 };
     let server = Netns::new("lsrv")?;
     let client = Netns::new("lcli")?;
     sys::veth(
@@ -95,60 +65,10 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             .args(["attach", "afbl0", "--mode", "native"]),
     )?;
 
-    let flow = Arc::new(Flow {
-        base: Instant::now(),
-        stop: AtomicBool::new(false),
-        sent: Mutex::new(VecDeque::new()),
-        last_arrival: AtomicU64::new(0),
-    });
-    let receiver = {
-        let flow = Arc::clone(&flow);
-        let ns = server.name.clone();
-        thread::spawn(move || -> Result<()> {
-            sys::enter_netns(&ns)?;
-            let sock = UdpSocket::bind(SocketAddrV4::new(SERVER, PORT))?;
-            sock.set_read_timeout(Some(Duration::from_millis(20)))?;
-            let mut buf = [0u8; 64];
-            while !flow.stop.load(Ordering::Relaxed) {
-                if let Ok(n) = sock.recv(&mut buf)
-                    && n >= 8
-                {
-                    let t = u64::from_ne_bytes(buf[..8].try_into().unwrap_or_default());
-                    flow.last_arrival.fetch_max(t, Ordering::AcqRel);
-                }
-            }
-            Ok(())
-        })
-    };
-    let sender = {
-        let flow = Arc::clone(&flow);
-        let ns = client.name.clone();
-        thread::spawn(move || -> Result<()> {
-            sys::enter_netns(&ns)?;
-            let sock = UdpSocket::bind(SocketAddrV4::new(CLIENT, 0))?;
-            sock.connect(SocketAddrV4::new(SERVER, PORT))?;
-            while !flow.stop.load(Ordering::Relaxed) {
-                let t = flow.now();
-                {
-                    let mut sent = flow.sent.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
-                    sent.push_back(t);
-                    if sent.len() > 50_000 {
-                        sent.pop_front();
-                    }
-                }
-                // The receiver's buffer never fills at this rate; a refused send is noise.
-                let _ = sock.send(&t.to_ne_bytes());
-                thread::sleep(GAP);
-            }
-            Ok(())
-        })
-    };
-
-    let result = trials_loop(&inst, &flow, trials);
-    flow.stop.store(true, Ordering::Relaxed);
-    let _ = sender.join();
-    let _ = receiver.join();
-    let (from_return, from_start, early) = result?;
+    let flow = Flow::start(&server, SERVER, PORT, &client, &[CLIENT], GAP)?;
+    let (from_return, from_start, early) = trials_loop(&inst, &flow, trials)?;
+    let cs = crowdsec_trials(ctx, &inst, &flow, cs_trials);
+    drop(flow);
 
     let (mut r, mut s) = (from_return, from_start);
     let p = |v: &mut Vec<f64>, q: f64| percentile(v, q);
@@ -158,7 +78,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
          before the state is committed to SQLite",
         GAP.as_micros(),
     );
-    Ok(vec![
+    let mut rows = vec![
         Row::new(
             "latency",
             "`apifilter block` returned → first dropped packet, p50",
@@ -186,44 +106,132 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         )
         .value(p(&mut s, 99.0))
         .note("includes starting the process and opening the pinned maps and SQLite"),
-        Row::new(
-            "latency",
-            "CrowdSec decision added → first dropped packet",
-            "ms",
-        )
-        .note("not measured yet: needs the daemon's CrowdSec bouncer"),
-    ])
+    ];
+    match cs {
+        Ok((mut added, mut started)) => {
+            let n = added.len();
+            let pull = CROWDSEC_PULL.as_secs_f64() * 1000.0;
+            rows.extend([
+                Row::new(
+                    "latency",
+                    "CrowdSec decision added (`cscli decisions add` returned) → first dropped packet, p50",
+                    "ms",
+                )
+                .value(p(&mut added, 50.0))
+                .note(format!(
+                    "{n} trials: a real LAPI (`crowdsec -no-cs` on loopback), `apifilter run` with \
+                     `[crowdsec]` update_frequency = \"{}s\" in the root namespace working on the \
+                     pins of the filter attached in the server namespace; the same flow as above. \
+                     The decision waits for the bouncer's next pull: expected about half the pull \
+                     interval ({:.0} ms) plus the pull and apply; uniform over 0–{pull:.0} ms",
+                    CROWDSEC_PULL.as_secs(),
+                    pull / 2.0
+                )),
+                Row::new(
+                    "latency",
+                    "CrowdSec decision added (`cscli decisions add` returned) → first dropped packet, p99",
+                    "ms",
+                )
+                .value(p(&mut added, 99.0))
+                .note(format!(
+                    "bounded by the pull interval ({pull:.0} ms) plus the pull and apply"
+                )),
+                Row::new(
+                    "latency",
+                    "CrowdSec: `cscli decisions add` started → first dropped packet, p50",
+                    "ms",
+                )
+                .value(p(&mut started, 50.0))
+                .note("includes cscli's own start-up and its call to the LAPI"),
+            ]);
+        }
+        Err(err) => rows.push(
+            Row::new(
+                "latency",
+                "CrowdSec decision added → first dropped packet",
+                "ms",
+            )
+            .note(format!("failed: {err:#}")),
+        ),
+    }
+    Ok(rows)
 }
 
 /// Runs the trials; returns latencies from the command's return and from its start (ms), and how
 /// many trials dropped before the return.
 fn trials_loop(inst: &Instance, flow: &Flow, trials: usize) -> Result<(Vec<f64>, Vec<f64>, usize)> {
     let src = CLIENT.to_string();
-    flow.wait_flowing(0).context("the flow never started")?;
+    flow.wait_flowing(0, Duration::from_secs(3))
+        .context("the flow never started")?;
     let mut from_return = Vec::with_capacity(trials);
     let mut from_start = Vec::with_capacity(trials);
     let mut early = 0;
     for _ in 0..trials {
         sys::check_interrupted()?;
-        let t0 = flow.now();
+        let t0 = mono_ns();
         inst.ok(&["block", &src])?;
-        let t1 = flow.now();
-        // Long enough for the flow to show the drop, and to send a few more after it.
-        thread::sleep(Duration::from_millis(30));
-        let first = flow
-            .first_dropped()
-            .context("no datagram was sent after the last arrival")?;
-        let ms = |a: u64, b: u64| (a as f64 - b as f64) / 1e6;
+        let t1 = mono_ns();
+        let first = flow.wait_dropped(Duration::from_millis(20), Duration::from_secs(3))?;
         if first < t1 {
             early += 1;
         }
         from_return.push(ms(first, t1).max(0.0));
         from_start.push(ms(first, t0).max(0.0));
         inst.ok(&["unblock", &src])?;
-        let t2 = flow.now();
-        flow.wait_flowing(t2)?;
+        let t2 = mono_ns();
+        flow.wait_flowing(t2, Duration::from_secs(3))?;
     }
     Ok((from_return, from_start, early))
+}
+
+/// CrowdSec trials: `cscli decisions add --ip CLIENT`, the first dropped datagram, then
+/// `cscli decisions delete` and the flow back. Returns latencies from cscli's return and start.
+fn crowdsec_trials(
+    ctx: &Ctx,
+    inst: &Instance,
+    flow: &Flow,
+    trials: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let lapi = Lapi::start(&ctx.work.path.join("lapi"))?;
+    let key = lapi.cscli(&["bouncers", "add", "apifilter-bench", "-o", "raw"])?;
+    let config = format!(
+        "interfaces = []
+[logging]
+counters_interval = \"0s\"
+[crowdsec]
+\
+         lapi_url = \"http://127.0.0.1:{}\"
+api_key = \"{}\"
+update_frequency = \"{}s\"
+\
+         resync_interval = \"0s\"
+",
+        lapi.port,
+        key.trim(),
+        CROWDSEC_PULL.as_secs()
+    );
+    let mut daemon = Daemon::start(inst, None, None, &ctx.work.path.join("crowdsec"), &config)?;
+    daemon.wait_log("CrowdSec bouncer starting", Duration::from_secs(10))?;
+    let src = CLIENT.to_string();
+    let mut added = Vec::with_capacity(trials);
+    let mut started = Vec::with_capacity(trials);
+    for i in 0..trials {
+        sys::check_interrupted()?;
+        // Start at a random phase of the bouncer's pull cycle.
+        let phase = (mono_ns() / 1000 + i as u64 * 337) % CROWDSEC_PULL.as_millis() as u64;
+        std::thread::sleep(Duration::from_millis(phase));
+        let t0 = mono_ns();
+        lapi.cscli(&["decisions", "add", "--ip", &src, "--duration", "1h"])?;
+        let t1 = mono_ns();
+        let first = flow.wait_dropped(Duration::from_millis(20), Duration::from_secs(10))?;
+        added.push(ms(first, t1).max(0.0));
+        started.push(ms(first, t0).max(0.0));
+        lapi.cscli(&["decisions", "delete", "--ip", &src])?;
+        let t2 = mono_ns();
+        flow.wait_flowing(t2, Duration::from_secs(10))?;
+    }
+    drop(daemon);
+    Ok((added, started))
 }
 
 /// The `q`th percentile (nearest rank).

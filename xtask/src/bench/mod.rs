@@ -5,14 +5,16 @@
 //!
 //! Sections (`--only` takes their ids): `kernel` (BPF_PROG_TEST_RUN per-packet cost, and the
 //! kernel map memory of section 6), `flood` (veth flood, receiver CPU per packet), `bulk` (bulk
-//! load), `latency` (block latency), `proxy` (nginx as a TLS reverse proxy; apifilter's side once
-//! `apifilter run` has `[[proxy]]`), `memory` (the daemon's RSS, once there is a daemon; its
-//! kernel-map rows come from `kernel`).
+//! load), `latency` (block latency: the CLI and a CrowdSec decision), `proxy` (apifilter's
+//! inspection proxy and nginx as TLS reverse proxies, and the proxy's ban latency), `memory` (the
+//! daemon's RSS idle and holding 1M entries; the kernel-map rows come from `kernel`).
 
 mod bulk;
+mod daemon;
 mod flood;
 mod kernel;
 mod latency;
+mod memory;
 mod progs;
 mod proxy;
 mod report;
@@ -44,6 +46,8 @@ pub enum Section {
     Proxy,
     /// Memory: kernel maps (from `kernel`) and the daemon.
     Memory,
+    /// The proxy's attack detection on the development corpus (no peer).
+    Detection,
 }
 
 /// Options of `cargo xtask bench`.
@@ -81,6 +85,7 @@ pub const BENCH_PACKAGES: &[&str] = &[
     "nginx",
     "wrk",
     "nghttp2-client",
+    "python3",
 ];
 
 /// `cargo xtask bench [--quick] [--only SECTION]… [--out DIR]`.
@@ -156,12 +161,31 @@ pub fn run(opts: &Options) -> Result<()> {
             }
         }
     }
-    if wants(Section::Memory) {
-        for what in ["idle", "holding 1M entries"] {
-            rows.push(
-                Row::new("memory", format!("daemon RSS, {what}"), "MiB")
-                    .note("not measured yet: needs the daemon (`apifilter run`)"),
-            );
+    if wants(Section::Memory) && !sys::interrupted() {
+        println!("==> bench: memory");
+        match memory::run(&ctx) {
+            Ok(r) => rows.extend(r),
+            Err(err) => {
+                eprintln!("bench: memory failed: {err:#}");
+                rows.push(Row::new("memory", "memory: failed", "").note(format!("{err:#}")));
+                failed.push("memory");
+            }
+        }
+    }
+
+    let mut extra = Vec::new();
+    if wants(Section::Detection) && !sys::interrupted() {
+        println!("==> bench: detection");
+        match detection() {
+            Ok(md) => extra.push(("7. Attack detection (the proxy)".to_owned(), md)),
+            Err(err) => {
+                eprintln!("bench: detection failed: {err:#}");
+                extra.push((
+                    "7. Attack detection (the proxy)".to_owned(),
+                    format!("failed: {err:#}\n"),
+                ));
+                failed.push("detection");
+            }
         }
     }
 
@@ -177,6 +201,7 @@ pub fn run(opts: &Options) -> Result<()> {
             .to_owned(),
         commands: commands(opts),
         quick: opts.quick,
+        extra,
         notes: vec![
             format!(
                 "Load average when the run started: {load} (on {} cores). Other work shares a \
@@ -203,7 +228,30 @@ fn static_name(s: Section) -> &'static str {
         Section::Latency => "latency",
         Section::Proxy => "proxy",
         Section::Memory => "memory",
+        Section::Detection => "detection",
     }
+}
+
+/// The detection figures: the `detection_report` example's markdown, run in release mode.
+fn detection() -> Result<String> {
+    let out = cargo()
+        .args(["run", "--quiet", "--package", "filter-user", "--release"])
+        .args(["--example", "detection_report"])
+        .output()
+        .context("running the detection_report example")?;
+    if !out.status.success() {
+        bail!(
+            "detection_report failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(format!(
+        "Share of the development corpus (`shared/corpora/dev`) detected at the default threshold, \
+         per category and where the payload is sent, false positives, and inspection cost per \
+         request (one core). Reproduce: `cargo run -p filter-user --release --example \
+         detection_report`; `tests` holds these figures from falling (`filter-user/tests/detection.rs`).\n\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    ))
 }
 
 /// The command that produced the report, and what it runs for each peer.
@@ -240,9 +288,17 @@ fn commands(opts: &Options) -> Vec<String> {
             "ipset restore < bulk.ipset; ipset restore < delta.ipset",
             "# 4. latency",
             "apifilter block 198.19.255.1; apifilter unblock 198.19.255.1",
-            "# 5. proxy (loopback in a namespace)",
-            "nginx -c nginx.conf -g 'daemon off;'   # TLS on :8443, proxy_pass to :8080 (return 200)",
-            "wrk -t1 -c50 -dNs --latency https://127.0.0.1:8443/; h2load -n N -c50 -m10 https://127.0.0.1:8443/",
+            "crowdsec -c lapi.yaml -no-cs; apifilter run --config crowdsec.toml   # [crowdsec] update_frequency = \"1s\"",
+            "cscli decisions add --ip 198.19.255.1 --duration 1h; cscli decisions delete --ip 198.19.255.1",
+            "# 5. proxy (loopback in a namespace; the proxy under test on CPU 1, the rest on CPU 0)",
+            "taskset -c 0 nginx -c upstream.conf -g 'daemon off;'   # :8080, return 200",
+            "taskset -c 1 nginx -c nginx.conf -g 'daemon off;'      # TLS on :8443, proxy_pass to :8080",
+            "taskset -c 1 apifilter run --config apifilter.toml     # [[proxy]] :9443 inspection on, :9444 off",
+            "taskset -c 0 wrk -t1 -c50 -dNs --latency -H 'x-api-key: KEY' https://127.0.0.1:PORT/",
+            "taskset -c 0 h2load -n N -c50 -m10 URL; h2load -n50 -c50 --h1 URL; h2load -n N -c50 --h1 -H 'Connection: close' URL",
+            "python3 attack.py   # from 198.18.7.x: one SQL injection over TLS, while UDP from 198.18.7.x runs",
+            "# 6. memory",
+            "apifilter run --config memory.toml; kill -HUP   # + [[feed]] url = \"file://feed-1m.txt\"; VmRSS, VmHWM",
         ]
         .map(str::to_owned),
     );

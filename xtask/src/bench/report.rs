@@ -73,6 +73,24 @@ impl Row {
         self
     }
 
+    /// A target on the apifilter/peer ratio from below: met when the ratio is at least `min` (for
+    /// throughputs).
+    pub fn min_ratio_target(mut self, min: f64) -> Self {
+        self.target = format!("≥ {min}×");
+        self.met = self.ratio().map(|r| r >= min);
+        self
+    }
+
+    /// A target of at most the peer's figure plus `delta` (in `unit`).
+    pub fn peer_plus_target(mut self, delta: f64) -> Self {
+        self.target = format!("≤ peer + {} {}", fmt_num(delta), self.unit);
+        self.met = match (self.apifilter, &self.peer) {
+            (Some(a), Some((_, p))) => Some(a <= p + delta),
+            _ => None,
+        };
+        self
+    }
+
     /// A target on the ratio the other way round: met when peer/apifilter is at least `min`
     /// (for "N× faster").
     pub fn speedup_target(mut self, min: f64) -> Self {
@@ -181,6 +199,8 @@ pub struct Report {
     pub quick: bool,
     /// Lines about the run as a whole (load, run time).
     pub notes: Vec<String>,
+    /// Sections given as markdown (title, body), after the tables.
+    pub extra: Vec<(String, String)>,
 }
 
 impl Report {
@@ -212,7 +232,8 @@ impl Report {
             s,
             "apifilter and its peers, measured in the same run on the same machine. Written by \
              `cargo xtask bench{}`; the same figures are in `BENCHMARKS.json`. Ratios are \
-             apifilter ÷ peer, so below 1 is better for times and costs.\n",
+             apifilter ÷ peer, so below 1 is better for times and costs, above 1 for \
+             throughputs (requests/s, handshakes/s).\n",
             if self.quick { " --quick" } else { "" }
         );
         let _ = writeln!(s, "- Date: {}", self.date);
@@ -280,6 +301,9 @@ impl Report {
                     let _ = writeln!(s, "- *{}*: {}", r.measurement, r.note);
                 }
             }
+        }
+        for (title, body) in &self.extra {
+            let _ = writeln!(s, "\n## {title}\n\n{}", body.trim_end());
         }
         let _ = writeln!(s, "\n## Commands\n");
         let _ = writeln!(s, "```sh");

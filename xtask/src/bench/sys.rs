@@ -280,7 +280,8 @@ impl Instance {
         c
     }
 
-    fn dirs(&self, c: &mut Command) {
+    /// Adds `--pin-dir … --state-dir …` (and a clean environment) to `c`.
+    pub fn dirs(&self, c: &mut Command) {
         c.arg("--pin-dir")
             .arg(&self.pin_dir)
             .arg("--state-dir")
