@@ -8,7 +8,10 @@
 //! - `crowdsec`: a real CrowdSec Local API on loopback, and the bouncer run in-process.
 //! - `daemon`: a running `apifilter run`, signalled and killed on drop.
 //! - `proxy`: certificates, an upstream, the proxy in-process, and TLS clients for the proxy tests.
+//! - `abuse`: a recording upstream, a timed legitimate client and attack helpers for the proxy
+//!   abuse tests.
 
+pub mod abuse;
 pub mod crowdsec;
 pub mod daemon;
 pub mod feedserver;
