@@ -71,6 +71,8 @@ struct Bench {
     port: u16,
     legit: Legit,
     unloaded: Duration,
+    /// Bounds an attack broke, reported by [`Bench::finish`] after its outcome is printed.
+    broken: Vec<String>,
     _inst: Instance,
 }
 
@@ -102,6 +104,7 @@ fn bench(tag: &str, limits: &str) -> Bench {
         port,
         legit,
         unloaded,
+        broken: Vec::new(),
         _inst: inst,
     }
 }
@@ -145,17 +148,30 @@ impl Bench {
             self.unloaded,
             vm_kib(pid, "VmRSS")
         );
-        assert_eq!(self.legit.failures, 0, "{name}: legitimate requests failed");
-        assert!(
-            p99 < bound,
-            "{name}: legitimate p99 {p99:?} is over {bound:?} (unloaded p99 {:?})",
-            self.unloaded
-        );
-        assert!(
-            hwm < MAX_RSS_KIB,
-            "{name}: daemon peak RSS {hwm} KiB over {MAX_RSS_KIB} KiB"
-        );
+        if self.legit.failures > 0 {
+            self.broken.push(format!(
+                "{name}: {} legitimate requests failed",
+                self.legit.failures
+            ));
+        }
+        if p99 >= bound {
+            self.broken.push(format!(
+                "{name}: legitimate p99 {p99:?} is over {bound:?} (unloaded p99 {:?})",
+                self.unloaded
+            ));
+        }
+        if hwm >= MAX_RSS_KIB {
+            self.broken.push(format!(
+                "{name}: daemon peak RSS {hwm} KiB over {MAX_RSS_KIB} KiB"
+            ));
+        }
         result
+    }
+
+    /// Panic with the bounds an attack broke, if any; and the daemon must still be alive.
+    fn finish(self) {
+        assert!(alive(self.daemon.pid()), "the daemon died");
+        assert!(self.broken.is_empty(), "{:#?}", self.broken);
     }
 }
 
@@ -224,7 +240,7 @@ fn slowloris_2000_connections() {
         open, 0,
         "{open} slowloris connections outlived header_timeout"
     );
-    assert!(alive(b.daemon.pid()));
+    b.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -264,7 +280,7 @@ fn header_bombs() {
                             req.extend_from_slice(bomb);
                             req.extend_from_slice(b"\r\n");
                             let whole = req.chunks(16 * 1024).all(|c| send(&mut t, c));
-                            let (raw, closed) = read_until_closed(&mut t, Duration::from_secs(5));
+                            let (raw, closed) = read_until_closed(&mut t, Duration::from_secs(3));
                             out.push((kind, whole, statuses(&raw), closed));
                         }
                         out
@@ -276,52 +292,79 @@ fn header_bombs() {
                 .collect::<Vec<_>>()
         })
     });
+    let mut failures = Vec::new();
     for (kind, _) in bombs {
         let mine: Vec<_> = results.iter().filter(|r| r.0 == kind).collect();
         let answered = mine.iter().filter(|r| r.2 == [431]).count();
-        eprintln!(
-            "header bomb {kind}: {} sent, {answered} answered 431",
-            mine.len()
-        );
+        let mut outcomes = std::collections::BTreeMap::new();
         for (_, whole, st, closed) in &mine {
-            assert!(*closed, "{kind}: the connection stayed open ({st:?})");
-            assert!(
-                st == &[431] || (st.is_empty() && !whole),
-                "{kind}: answered {st:?} (whole bomb sent: {whole})"
-            );
+            *outcomes
+                .entry(format!("whole: {whole}, answered {st:?}, closed: {closed}"))
+                .or_insert(0) += 1;
         }
-        assert!(answered > 0, "{kind}: never answered 431");
+        eprintln!("header bomb {kind}: {outcomes:?}");
+        for (_, whole, st, closed) in &mine {
+            if !closed || !(st == &[431] || (st.is_empty() && !whole)) {
+                failures.push(format!(
+                    "{kind}: answered {st:?}, closed: {closed}, whole bomb sent: {whole}"
+                ));
+            }
+        }
+        // The 1 MiB head is cut while it is still being sent: its 431 is lost in the reset.
+        if kind != "huge" && answered == 0 {
+            failures.push(format!("{kind}: never answered 431"));
+        }
     }
+    failures.dedup();
+    assert!(failures.is_empty(), "{failures:#?}");
     assert!(b.upstream.seen("/bomb").is_empty(), "a bomb was forwarded");
+    b.finish();
 }
 
 /// Push `head` then `piece` repeatedly (up to 64 MiB) until the proxy answers or stops
 /// reading; returns the bytes pushed, the statuses that came back and whether it closed.
 fn push_body(t: &mut Tls, head: &[u8], piece: &[u8]) -> (usize, Vec<u16>, bool) {
     let mut sent = 0;
+    let mut got = Vec::new();
+    let mut closed = false;
     let _ = t.sock.set_write_timeout(Some(Duration::from_secs(3)));
     if send(t, head) {
+        let mut buf = [0u8; 4096];
         while sent < 64 << 20 {
             if !send(t, piece) {
                 break;
             }
             sent += piece.len();
-            // Anything back yet (an answer or a close)?
+            // Anything back yet (an answer or a close)? Read through TLS: session tickets
+            // arrive too.
             let _ = t.sock.set_read_timeout(Some(Duration::from_millis(1)));
-            let mut probe = [0u8; 1];
-            match t.sock.peek(&mut probe) {
-                Ok(_) => break,
+            match t.read(&mut buf) {
+                Ok(0) => {
+                    closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    break;
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) => {}
-                Err(_) => break,
+                Err(_) => {
+                    closed = true;
+                    break;
+                }
             }
         }
     }
-    let (raw, closed) = read_until_closed(t, Duration::from_secs(5));
-    (sent, statuses(&raw), closed)
+    if !closed {
+        let (raw, c) = read_until_closed(t, Duration::from_secs(3));
+        got.extend_from_slice(&raw);
+        closed = c;
+    }
+    (sent, statuses(&got), closed)
 }
 
 /// Body bombs, in a loop from two threads: a declared `Content-Length` of 1 TB followed by an
@@ -373,23 +416,31 @@ fn body_bombs() {
                 .collect::<Vec<_>>()
         })
     });
+    let mut failures = Vec::new();
     for (kind, _, _) in bombs {
         let mine: Vec<_> = results.iter().filter(|r| r.0 == kind).collect();
         let most = mine.iter().map(|r| r.1).max().unwrap_or(0);
+        let answered = mine.iter().filter(|r| r.2 == [413]).count();
         eprintln!(
-            "body bomb {kind}: {} sent, at most {} KiB pushed before the proxy stopped it",
+            "body bomb {kind}: {} sent, {answered} answered 413 (the others cut), at most {} KiB pushed before the proxy stopped it",
             mine.len(),
             most / 1024
         );
         for (_, sent, st, closed) in &mine {
-            assert_eq!(st, &[413], "{kind}: answered {st:?} after {sent} bytes");
-            assert!(*closed, "{kind}: the connection stayed open");
-            assert!(
-                *sent < MAX_PUSHED,
-                "{kind}: {sent} bytes were taken before the refusal"
-            );
+            // Cut while still pushing, the 413 may be lost in the reset.
+            if !closed || !(st == &[413] || st.is_empty()) || *sent >= MAX_PUSHED {
+                failures.push(format!(
+                    "{kind}: answered {st:?} after {sent} bytes, closed: {closed}"
+                ));
+            }
+        }
+        if answered == 0 {
+            failures.push(format!("{kind}: never answered 413"));
         }
     }
+    failures.dedup();
+    assert!(failures.is_empty(), "{failures:#?}");
+    b.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -416,7 +467,7 @@ fn h2_rapid_reset_flood() {
                             let mut t = try_tls(&cfg, port).expect("h2 connection");
                             assert_eq!(t.conn.alpn_protocol(), Some(&b"h2"[..]));
                             let whole = send(&mut t, &flood);
-                            let (raw, closed) = read_until_closed(&mut t, Duration::from_secs(5));
+                            let (raw, closed) = read_until_closed(&mut t, Duration::from_secs(3));
                             out.push((whole, goaway_code(&raw), closed));
                         }
                         out
@@ -451,6 +502,7 @@ fn h2_rapid_reset_flood() {
         "{} streams reached the upstream",
         b.upstream.seen("/").len()
     );
+    b.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -600,6 +652,13 @@ fn request_smuggling() {
         } else {
             &[400]
         };
+        let mut outcomes = std::collections::BTreeMap::new();
+        for (_, st, closed) in &mine {
+            *outcomes
+                .entry(format!("answered {st:?}, closed: {closed}"))
+                .or_insert(0) += 1;
+        }
+        eprintln!("smuggling {kind}: {outcomes:?}");
         for (_, st, closed) in &mine {
             if st != want || !closed {
                 failures.push(format!("{kind}: answered {st:?}, closed: {closed}"));
@@ -622,6 +681,7 @@ fn request_smuggling() {
         b.upstream.seen("/front").is_empty(),
         "an ambiguous request was forwarded"
     );
+    b.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -682,6 +742,7 @@ fn ten_thousand_idle_handshakes() {
         longest < TIMEOUT + Duration::from_secs(2),
         "held too long: {longest:?}"
     );
+    b.finish();
 }
 
 // ---------------------------------------------------------------------------------------------
