@@ -194,7 +194,8 @@ fn slowloris_2000_connections() {
     let mut b = bench("slowloris", "header_timeout = \"10s\"\n");
     let port = b.port;
     let cfg = client_config(shared_certs(), &[b"http/1.1"]);
-    let conns = b.under("slowloris", Duration::from_secs(2), |ctl| {
+    let (conns, dropped) = b.under("slowloris", Duration::from_secs(2), |ctl| {
+        let started = Instant::now();
         let mut conns: Vec<(Instant, Tls)> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..2)
                 .map(|_| {
@@ -213,18 +214,32 @@ fn slowloris_2000_connections() {
                 .flat_map(|h| h.join().expect("opener"))
                 .collect()
         });
+        let took = started.elapsed();
         ctl.go();
         let mut line = 0u64;
+        // Connections whose trickle was refused before the measurement ended.
+        let mut dropped = vec![false; conns.len()];
         while !ctl.stopped() {
-            for (_, t) in conns.iter_mut() {
-                let _ = send(t, format!("X-Slow-{line}: 1\r\n").as_bytes());
+            for (i, (_, t)) in conns.iter_mut().enumerate() {
+                if !send(t, format!("X-Slow-{line}: 1\r\n").as_bytes()) {
+                    dropped[i] = true;
+                }
             }
             line += 1;
             std::thread::sleep(Duration::from_millis(500));
         }
-        conns
+        let dropped = dropped.iter().filter(|d| **d).count();
+        eprintln!(
+            "slowloris: {CONNS} connections opened in {took:?}; {dropped} dropped while measuring"
+        );
+        (conns, dropped)
     });
-    // Every one is closed by the proxy.
+    // All were held open while the legitimate client was timed ...
+    assert_eq!(
+        dropped, 0,
+        "slowloris connections closed before header_timeout"
+    );
+    // ... and every one is closed by the proxy after it.
     let mut open = 0;
     let mut got_408 = 0;
     for (opened, mut t) in conns {
