@@ -774,7 +774,7 @@ async fn pipeline_steps(
         }
     }
     if let Err(limit) = limits::check_request(&req, &site.cfg.limits) {
-        let mut resp = refuse(
+        let resp = refuse(
             &c,
             trace,
             "limit",
@@ -782,12 +782,6 @@ async fn pipeline_steps(
             limit.status(),
             Some(Kind::Limit),
         );
-        // An HTTP/1.x client past a protocol limit does not keep its connection, as when hyper
-        // itself refuses a head too large for its buffer.
-        if req.version() != http::Version::HTTP_2 {
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
         return early(resp, &req, body).await;
     }
 
