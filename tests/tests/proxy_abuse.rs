@@ -28,7 +28,7 @@ use integration_tests::{
     Instance,
     abuse::{
         ENHANCE_YOUR_CALM, Legit, Recorder, alive, client_config, goaway_code, h2_rapid_reset,
-        quantile, raise_nofile, read_until_closed, statuses, try_tls, vm_kib,
+        quantile, raise_nofile, read_response, read_until_closed, statuses, try_tls, vm_kib,
     },
     daemon::Daemon,
     proxy::{Certs, Tls, free_port, proxy_section, shared_certs, tcp_from, wait_listening},
@@ -262,10 +262,12 @@ fn slowloris_2000_connections() {
 // Header and body bombs
 // ---------------------------------------------------------------------------------------------
 
-/// Three header bombs, in a loop from two threads: a head of 1 MiB of header lines, 10,000
-/// tiny headers, and one 20 KiB header (over `max_header_bytes`, inside the read buffer). Each
-/// is answered 431 (or the connection is cut while the bomb is still being sent) and the
-/// connection is closed.
+/// Three header bombs, in a loop from two threads: a head of 1 MiB of header lines and 10,000
+/// tiny headers (both past hyper's read buffer) are answered 431 (or cut while the bomb is
+/// still being sent) and their connection is closed; one 20 KiB header (over
+/// `max_header_bytes`, inside the read buffer) is answered 431 by the proxy's head check, which
+/// keeps the connection open (the ban test in `proxy.rs` relies on that), and the next request
+/// on it is served.
 #[test]
 fn header_bombs() {
     let mut b = bench("header-bomb", "");
@@ -295,6 +297,18 @@ fn header_bombs() {
                             req.extend_from_slice(bomb);
                             req.extend_from_slice(b"\r\n");
                             let whole = req.chunks(16 * 1024).all(|c| send(&mut t, c));
+                            if kind == "big" {
+                                // Refused by the proxy's own header check on a complete head:
+                                // the connection stays open, and serves the next request.
+                                let first = read_response(&mut t).ok();
+                                let next =
+                                    send(&mut t, b"GET /after HTTP/1.1\r\nHost: a.test\r\n\r\n")
+                                        .then(|| read_response(&mut t).ok())
+                                        .flatten();
+                                let st = first.into_iter().chain(next).collect();
+                                out.push((kind, whole, st, false));
+                                continue;
+                            }
                             let (raw, closed) = read_until_closed(&mut t, Duration::from_secs(3));
                             out.push((kind, whole, statuses(&raw), closed));
                         }
@@ -310,7 +324,7 @@ fn header_bombs() {
     let mut failures = Vec::new();
     for (kind, _) in bombs {
         let mine: Vec<_> = results.iter().filter(|r| r.0 == kind).collect();
-        let answered = mine.iter().filter(|r| r.2 == [431]).count();
+        let answered = mine.iter().filter(|r| r.2.first() == Some(&431)).count();
         let mut outcomes = std::collections::BTreeMap::new();
         for (_, whole, st, closed) in &mine {
             *outcomes
@@ -319,7 +333,12 @@ fn header_bombs() {
         }
         eprintln!("header bomb {kind}: {outcomes:?}");
         for (_, whole, st, closed) in &mine {
-            if !closed || !(st == &[431] || (st.is_empty() && !whole)) {
+            let ok = if kind == "big" {
+                st == &[431, 200]
+            } else {
+                *closed && (st == &[431] || (st.is_empty() && !whole))
+            };
+            if !ok {
                 failures.push(format!(
                     "{kind}: answered {st:?}, closed: {closed}, whole bomb sent: {whole}"
                 ));
