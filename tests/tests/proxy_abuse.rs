@@ -31,7 +31,7 @@ use integration_tests::{
         quantile, raise_nofile, read_response, read_until_closed, statuses, try_tls, vm_kib,
     },
     daemon::Daemon,
-    proxy::{Certs, Tls, free_port, proxy_section, shared_certs, tcp_from, wait_listening},
+    proxy::{Certs, Tls, free_port, proxy_section, tcp_from, wait_listening},
 };
 
 /// Absolute slack on the p99 bound. The unloaded p99 of a keep-alive request on loopback is a
@@ -74,6 +74,8 @@ struct Bench {
     /// Bounds an attack broke, reported by [`Bench::finish`] after its outcome is printed.
     broken: Vec<String>,
     _inst: Instance,
+    /// This test's CA and `a.test` certificate (removed on drop).
+    certs: Certs,
 }
 
 fn bench(tag: &str, limits: &str) -> Bench {
@@ -81,17 +83,18 @@ fn bench(tag: &str, limits: &str) -> Bench {
     // 10,000 idle connections and their replacements in flight, on each side.
     let nofile = raise_nofile(65_536);
     assert!(nofile >= 12_000, "RLIMIT_NOFILE is only {nofile}");
-    let certs = shared_certs();
+    let certs = Certs::new(&format!("abuse-{tag}"));
+    certs.leaf("a", &["a.test"]);
     let upstream = Recorder::start();
     let port = free_port();
     let config = format!(
         "interfaces = []\n{}[proxy.limits]\nmax_connections = 30000\nmax_connections_per_ip = 30000\n{limits}\n[proxy.violations]\nban = false\n",
-        proxy_section(port, certs, &upstream.url(), "")
+        proxy_section(port, &certs, &upstream.url(), "")
     );
     let inst = Instance::new(&format!("abuse-{tag}"));
     let daemon = Daemon::start_here(&inst, &config);
     wait_listening(SocketAddr::from(([127, 0, 0, 1], port)));
-    let mut legit = Legit::new(certs, port);
+    let mut legit = Legit::new(&certs, port);
     let unloaded = quantile(&legit.measure(SAMPLES, Duration::ZERO), 0.99);
     assert_eq!(legit.failures, 0, "unloaded requests failed");
     eprintln!(
@@ -106,6 +109,7 @@ fn bench(tag: &str, limits: &str) -> Bench {
         unloaded,
         broken: Vec::new(),
         _inst: inst,
+        certs,
     }
 }
 
@@ -193,7 +197,7 @@ fn slowloris_2000_connections() {
     const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
     let mut b = bench("slowloris", "header_timeout = \"10s\"\n");
     let port = b.port;
-    let cfg = client_config(shared_certs(), &[b"http/1.1"]);
+    let cfg = client_config(&b.certs, &[b"http/1.1"]);
     let (conns, dropped) = b.under("slowloris", Duration::from_secs(2), |ctl| {
         let started = Instant::now();
         let mut conns: Vec<(Instant, Tls)> = std::thread::scope(|s| {
@@ -272,7 +276,7 @@ fn slowloris_2000_connections() {
 fn header_bombs() {
     let mut b = bench("header-bomb", "");
     let port = b.port;
-    let cfg = client_config(shared_certs(), &[b"http/1.1"]);
+    let cfg = client_config(&b.certs, &[b"http/1.1"]);
     let huge: Vec<u8> = (0..1024)
         .flat_map(|i| format!("X-Bomb-{i}: {}\r\n", "a".repeat(1000)).into_bytes())
         .collect();
@@ -410,7 +414,7 @@ fn body_bombs() {
     const MAX_PUSHED: usize = 24 << 20;
     let mut b = bench("body-bomb", "");
     let port = b.port;
-    let cfg = client_config(shared_certs(), &[b"http/1.1"]);
+    let cfg = client_config(&b.certs, &[b"http/1.1"]);
     let piece = vec![b'z'; 64 * 1024];
     let chunk = [
         format!("{:x}\r\n", piece.len()).into_bytes(),
@@ -488,7 +492,7 @@ fn body_bombs() {
 fn h2_rapid_reset_flood() {
     let mut b = bench("rapid-reset", "");
     let port = b.port;
-    let cfg = client_config(shared_certs(), &[b"h2"]);
+    let cfg = client_config(&b.certs, &[b"h2"]);
     let flood = h2_rapid_reset(1000);
     let results = b.under("h2 rapid reset", Duration::from_secs(2), |ctl| {
         std::thread::scope(|s| {
@@ -651,7 +655,7 @@ fn smuggling_attempts() -> Vec<(&'static str, Vec<u8>)> {
 fn request_smuggling() {
     let mut b = bench("smuggling", "");
     let port = b.port;
-    let cfg = client_config(shared_certs(), &[b"http/1.1"]);
+    let cfg = client_config(&b.certs, &[b"http/1.1"]);
     let attempts = smuggling_attempts();
     let results = b.under("smuggling", Duration::from_secs(2), |ctl| {
         std::thread::scope(|s| {
