@@ -10,7 +10,10 @@
 //! - `proxy`: certificates, an upstream, the proxy in-process, and TLS clients for the proxy tests.
 //! - `generate`: seeded random rule sets and structure-aware frames.
 //! - `diff`: the differential harness (kernel against model, with shrinking).
+//! - `abuse`: a recording upstream, a timed legitimate client and attack helpers for the proxy
+//!   abuse tests.
 
+pub mod abuse;
 pub mod crowdsec;
 pub mod daemon;
 pub mod diff;

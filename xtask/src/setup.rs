@@ -32,7 +32,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Where bpffs must be mounted.
 const BPFFS: &str = "/sys/fs/bpf";
 /// Debian packages the tests and the demo run. PyJWT and `cryptography` mint the tokens that
-/// `filter-user/tests/auth_interop.rs` verifies (Debian's, so no pip step is needed).
+/// `filter-user/tests/auth_interop.rs` verifies (Debian's, so no pip step is needed);
+/// `testssl.sh` scans the proxy's TLS in `tests/tests/proxy_abuse.rs`.
 const PACKAGES: &[&str] = &[
     "iproute2",
     "ethtool",
@@ -43,6 +44,7 @@ const PACKAGES: &[&str] = &[
     "python3",
     "python3-jwt",
     "python3-cryptography",
+    "testssl.sh",
 ];
 
 /// How much of the setup a command needs.
@@ -539,7 +541,13 @@ mod tests {
                        curl install ok installed\nopenssl install ok installed\n";
         assert_eq!(
             missing_from(PACKAGES, listing),
-            ["ethtool", "python3", "python3-jwt", "python3-cryptography"]
+            [
+                "ethtool",
+                "python3",
+                "python3-jwt",
+                "python3-cryptography",
+                "testssl.sh"
+            ]
         );
         assert_eq!(missing_from(PACKAGES, ""), PACKAGES);
     }
