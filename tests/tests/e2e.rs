@@ -1099,7 +1099,7 @@ fn interrupted_import_changes_nothing() {
     af_ok(&ns, &inst, &["attach", "d0", "--mode", "skb"]);
     let file = std::env::temp_dir().join(format!("aft-sigint-{}.txt", std::process::id()));
     // Only table contents: no traffic is sent to these.
-    let text: String = (0..400_000u32)
+    let text: String = (0..1_000_000u32)
         .map(|i| format!("{}\n", std::net::Ipv4Addr::from(0x0a00_0000 + i)))
         .collect();
     std::fs::write(&file, text).unwrap();
@@ -1109,7 +1109,15 @@ fn interrupted_import_changes_nothing() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    // Signal once the kernel has taken part of the list, so there is something to undo.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while map_fill(&status(&ns, &inst), "BLOCK_V4") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the import never reached the kernel"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
