@@ -651,3 +651,71 @@ fn program_upgrade_switches_links_with_no_window() {
     assert!(c.get("drop_blocklist").copied().unwrap_or(0) > 0, "{c:?}");
     assert!(d.stop().success());
 }
+
+/// kill -9 while a feed refresh is being applied: the refresh's transaction never committed, so
+/// after a restart the database holds none of it and the kernel, which had taken part of it, is
+/// brought back in line: no half-applied feed.
+#[test]
+fn kill_9_during_a_feed_refresh_leaves_no_half_applied_feed() {
+    let topo = Topology::new();
+    let inst = Instance::new("dkillfeed");
+    let feed = inst.state_dir.join("big-feed.txt");
+    std::fs::create_dir_all(&inst.state_dir).unwrap();
+    let mut text = String::with_capacity(16 << 20);
+    for i in 0..1_000_000u32 {
+        // 100.64.0.0/10: table contents only, never sent to.
+        text.push_str(&std::net::Ipv4Addr::from((100u32 << 24) | (64 << 16) | i).to_string());
+        text.push('\n');
+    }
+    std::fs::write(&feed, text).unwrap();
+    let with_feed = base_config(
+        "s0",
+        &format!(
+            "[[feed]]\nname = \"big\"\nurl = \"file://{}\"\n",
+            feed.display()
+        ),
+    );
+    // Start with the feed file absent from the config, add two CLI entries, then reload with it.
+    let d = Daemon::start(&topo.server, &inst, &base_config("s0", ""));
+    af_ok(
+        &topo.server,
+        &inst,
+        &["block", "198.18.1.7", "198.18.200.0/24"],
+    );
+    d.write_config(&with_feed);
+    d.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while kernel_block_entries(&topo.server, &inst) < 1000 {
+        assert!(
+            Instant::now() < deadline && d.log_lines("feed refreshed").is_empty(),
+            "the refresh never reached the kernel, or finished before it could be interrupted:\n{}",
+            d.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        d.log_lines("feed refreshed").is_empty(),
+        "killed before the commit"
+    );
+    d.kill();
+    let partial = kernel_block_entries(&topo.server, &inst);
+    assert!(
+        partial > 2,
+        "the kernel held part of the refresh: {partial}"
+    );
+    // Back without the feed: nothing of it was committed, and the kernel agrees.
+    let d = Daemon::start(&topo.server, &inst, &base_config("s0", ""));
+    let entries = listed(&topo.server, &inst);
+    assert_eq!(entries.len(), 2, "only the CLI's entries are stored");
+    assert!(
+        entries
+            .iter()
+            .all(|e| e["owners"] == serde_json::json!(["cli"]))
+    );
+    assert_eq!(
+        kernel_block_entries(&topo.server, &inst),
+        2,
+        "the kernel agrees"
+    );
+    assert!(d.stop().success());
+}

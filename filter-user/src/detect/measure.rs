@@ -156,6 +156,12 @@ pub fn corpus_dir() -> Result<PathBuf, DetectError> {
     }
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut tried = Vec::new();
+    // The copy kept in the repository (public lists with their licences), then a shared one.
+    let vendored = manifest.join("testdata/attack-corpus");
+    if vendored.join("libinjection").is_dir() {
+        return Ok(vendored);
+    }
+    tried.push(vendored.display().to_string());
     for dir in manifest.ancestors() {
         let candidate = dir.join("shared/corpora/dev");
         if candidate.join("libinjection").is_dir() {
