@@ -5,8 +5,9 @@
 //! `detection_report` example prints them as markdown.
 //!
 //! # Corpus
-//! The development corpus lives outside the repository, in `shared/corpora/dev` beside it
-//! ([`corpus_dir`] looks in each ancestor of this crate's directory, or in `APIFILTER_CORPUS`).
+//! The development corpus is kept in `filter-user/testdata/attack-corpus` (public payload lists
+//! with their licences); [`corpus_dir`] also takes `APIFILTER_CORPUS`, or a `shared/corpora/dev`
+//! in an ancestor of this crate's directory.
 //! Lines are read as follows:
 //! - `libinjection/*.txt` are URL-encoded: each line is decoded once (`+` as space) to get the
 //!   payload; `sqli-*` files are SQL injection, `xss-*` files XSS, `false_positives.txt` benign.
@@ -142,7 +143,7 @@ pub struct Corpus {
     pub false_positives: Vec<Vec<u8>>,
 }
 
-/// Finds the corpus: `APIFILTER_CORPUS`, else `shared/corpora/dev` in an ancestor of this
+/// Finds the corpus: `APIFILTER_CORPUS`, else the repository's copy, else `shared/corpora/dev` in an ancestor of this
 /// crate's directory.
 pub fn corpus_dir() -> Result<PathBuf, DetectError> {
     if let Some(dir) = std::env::var_os("APIFILTER_CORPUS") {
