@@ -2,7 +2,7 @@
 //! and location on the development corpus, false-positive rates, and inspection cost.
 //!
 //! `cargo run -p filter-user --release --example detection_report` (set `APIFILTER_CORPUS` if
-//! the corpus is not in `shared/corpora/dev` beside the repository).
+//! the corpus should come from elsewhere than `filter-user/testdata/attack-corpus`).
 
 use anyhow::Context as _;
 use filter_user::detect::{DetectConfig, Detector, measure};

@@ -246,7 +246,7 @@ fn detection() -> Result<String> {
         );
     }
     Ok(format!(
-        "Share of the development corpus (`shared/corpora/dev`) detected at the default threshold, \
+        "Share of the development corpus (`filter-user/testdata/attack-corpus`) detected at the default threshold, \
          per category and where the payload is sent, false positives, and inspection cost per \
          request (one core). Reproduce: `cargo run -p filter-user --release --example \
          detection_report`; `tests` holds these figures from falling (`filter-user/tests/detection.rs`).\n\n{}",
