@@ -65,6 +65,11 @@ pub enum AccessLog {
 const QUEUE: usize = 64 * 1024;
 
 impl AccessLog {
+    /// Whether lines are written at all.
+    pub fn enabled(&self) -> bool {
+        !matches!(self, AccessLog::Off)
+    }
+
     /// Open `target`; for a file, start its writer task (it ends with `shutdown`, after writing
     /// what is queued).
     pub async fn open(

@@ -270,6 +270,10 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names is cheaper than a lookup per name.
+    if !h.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
     let listed: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -323,7 +327,7 @@ pub fn prepare(
     parts: &mut http::request::Parts,
     peer: IpAddr,
     peer_trusted: bool,
-    request_id: &str,
+    request_id: &RequestId,
 ) {
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
@@ -351,9 +355,7 @@ pub fn prepare(
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        h.insert(X_REQUEST_ID.clone(), v);
-    }
+    h.insert(X_REQUEST_ID.clone(), request_id.header());
 }
 
 /// What every response gets: security headers added, software headers removed.
@@ -408,8 +410,8 @@ impl ResponsePolicy {
             h.remove(n);
         }
         for (n, v) in &self.add {
-            if !h.contains_key(n) {
-                h.insert(n.clone(), v.clone());
+            if let http::header::Entry::Vacant(e) = h.entry(n) {
+                e.insert(v.clone());
             }
         }
     }
@@ -520,26 +522,48 @@ pub fn csrf_check(
 }
 
 /// A request id: 16 hex digits, unique within the process and not guessable from the outside.
-pub fn request_id() -> String {
-    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let seed = *SEED.get_or_init(|| {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos()),
+#[derive(Clone, Copy)]
+pub struct RequestId([u8; 16]);
+
+impl RequestId {
+    /// The next id.
+    pub fn next() -> Self {
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let seed = *SEED.get_or_init(|| {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            h.finish()
+        });
+        // splitmix64: a bijection, so distinct counters give distinct ids.
+        let mut z = seed.wrapping_add(
+            NEXT.fetch_add(1, Ordering::Relaxed)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15),
         );
-        h.finish()
-    });
-    // splitmix64: a bijection, so distinct counters give distinct ids.
-    let mut z = seed.wrapping_add(
-        NEXT.fetch_add(1, Ordering::Relaxed)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15),
-    );
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    format!("{:016x}", z ^ (z >> 31))
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let mut hex = [0u8; 16];
+        for (i, d) in hex.iter_mut().enumerate() {
+            *d = b"0123456789abcdef"[((z >> (60 - 4 * i)) & 0xf) as usize];
+        }
+        Self(hex)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Hex digits only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+
+    /// The id as a header value.
+    pub fn header(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.0).unwrap_or_else(|_| HeaderValue::from_static("-"))
+    }
 }
 
 #[cfg(test)]
@@ -585,15 +609,16 @@ mod tests {
             .unwrap()
             .into_parts();
         let mut untrusted = parts.clone();
-        prepare(&mut parts, "198.18.9.1".parse().unwrap(), true, "abc");
+        let id = RequestId::next();
+        prepare(&mut parts, "198.18.9.1".parse().unwrap(), true, &id);
         assert_eq!(parts.headers["x-forwarded-for"], "1.2.3.4, 198.18.9.1");
         assert_eq!(parts.headers["x-forwarded-proto"], "https");
-        assert_eq!(parts.headers["x-request-id"], "abc");
+        assert_eq!(parts.headers["x-request-id"], id.as_str());
         assert_eq!(parts.headers["host"], "api.example.com");
         assert!(
             !parts.headers.contains_key("x-secret") && !parts.headers.contains_key("connection")
         );
-        prepare(&mut untrusted, "198.18.1.1".parse().unwrap(), false, "abc");
+        prepare(&mut untrusted, "198.18.1.1".parse().unwrap(), false, &id);
         assert_eq!(untrusted.headers["x-forwarded-for"], "198.18.1.1");
     }
 
@@ -634,10 +659,12 @@ mod tests {
 
     #[test]
     fn request_ids_differ() {
-        let a = request_id();
-        let b = request_id();
-        assert_eq!(a.len(), 16);
-        assert_ne!(a, b);
+        let a = RequestId::next();
+        let b = RequestId::next();
+        assert_eq!(a.as_str().len(), 16);
+        assert!(a.as_str().bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a.as_str(), b.as_str());
+        assert_eq!(a.header().to_str().unwrap(), a.as_str());
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! Prometheus counters and latency histograms of the proxy, per check and route, and the p99
 //! latency window the daemon reads from [`crate::daemon::Shared`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{
+    Mutex, PoisonError,
+    atomic::{AtomicU64, Ordering},
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -87,15 +90,32 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// The p99 window.
     pub window: LatencyWindow,
+    /// `check_duration{check="auth"}`, `{check="detect"}` and `{check="upstream"}`, looked up once.
+    checks: [Histogram; 3],
+}
+
+/// A pipeline step timed by [`Metrics::check`].
+#[derive(Clone, Copy, Debug)]
+pub enum Step {
+    /// Authentication, authorization and the L7 rate limits.
+    Auth = 0,
+    /// Attack detection.
+    Detect = 1,
+    /// Waiting for the upstream's response head.
+    Upstream = 2,
 }
 
 impl Metrics {
     /// Register the proxy metrics.
     pub fn new(registry: &mut prometheus_client::registry::Registry) -> Self {
+        let check_duration: Family<CheckOnly, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(latency_histogram);
+        let checks = ["auth", "detect", "upstream"]
+            .map(|check| check_duration.get_or_create(&CheckOnly { check }).clone());
         let m = Self {
             requests: Family::default(),
             request_duration: Family::new_with_constructor(latency_histogram),
-            check_duration: Family::new_with_constructor(latency_histogram),
+            check_duration,
             rejections: Family::default(),
             detections_passed: Family::default(),
             handshakes: Family::default(),
@@ -106,6 +126,7 @@ impl Metrics {
             ban_latency: latency_histogram(),
             access_log_dropped: Counter::default(),
             window: LatencyWindow::default(),
+            checks,
         };
         let r: &mut Registry = registry.sub_registry_with_prefix("apifilter_proxy");
         r.register("requests", "Requests answered", m.requests.clone());
@@ -155,11 +176,73 @@ impl Metrics {
         m
     }
 
+    /// Time spent in a pipeline step.
+    pub fn check(&self, step: Step, secs: f64) {
+        self.checks[step as usize].observe(secs);
+    }
+
     /// Count a rejection.
     pub fn reject(&self, check: &'static str, reason: &'static str) {
         self.rejections
             .get_or_create(&CheckLabels { check, reason })
             .inc();
+    }
+}
+
+/// A connection's handles on the `requests` and `request_duration` series it used: the label
+/// lookup (building the labels, hashing them, and the family's lock) happens once per connection
+/// and series rather than once per request.
+#[derive(Default)]
+pub struct SeriesCache(Mutex<Vec<Series>>);
+
+struct Series {
+    route: Option<String>,
+    status: u16,
+    requests: Counter,
+    duration: Histogram,
+}
+
+/// Series a connection keeps handles on; past this, lookups go to the families.
+const SERIES_PER_CONNECTION: usize = 16;
+
+impl SeriesCache {
+    /// Count one answered request of `route` with `status` that took `secs`.
+    pub fn record(&self, m: &Metrics, listener: &str, route: Option<&str>, status: u16, secs: f64) {
+        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = cache
+            .iter()
+            .find(|s| s.status == status && s.route.as_deref() == route)
+        {
+            s.requests.inc();
+            s.duration.observe(secs);
+            return;
+        }
+        let label = route.unwrap_or("-");
+        let requests = m
+            .requests
+            .get_or_create(&RequestLabels {
+                listener: listener.to_owned(),
+                route: label.to_owned(),
+                status,
+            })
+            .clone();
+        let duration = m
+            .request_duration
+            .get_or_create(&RouteLabels {
+                listener: listener.to_owned(),
+                route: label.to_owned(),
+            })
+            .clone();
+        requests.inc();
+        duration.observe(secs);
+        if cache.len() < SERIES_PER_CONNECTION {
+            cache.push(Series {
+                route: route.map(str::to_owned),
+                status,
+                requests,
+                duration,
+            });
+        }
     }
 }
 

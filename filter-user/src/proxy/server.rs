@@ -20,6 +20,7 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
+use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::{body::Incoming, service::service_fn};
@@ -41,7 +42,7 @@ use super::{
     accesslog::{self, AccessLog},
     forward::{self, ReqBody, RespBody, ResponsePolicy, Upstream},
     limits::{self, ConnSlot, ConnTracker, Limit, LimitedBody},
-    metrics::{Metrics, RequestLabels, ResultLabels, RouteLabels},
+    metrics::{Metrics, ResultLabels, SeriesCache, Step},
     pipeline::{self, Checks},
     tls::TlsState,
     violations::{self, BanSender, Kind, Tracker},
@@ -61,6 +62,57 @@ pub(crate) struct Common {
     tracker: Arc<Tracker>,
     bans: BanSender,
     shutdown: CancellationToken,
+    workers: Workers,
+}
+
+/// The threads connections are served on: one single-threaded runtime per CPU the process may
+/// run on. A connection lives on one worker from accept to close, with the upstream connections
+/// it uses, so a request never crosses threads and no work-stealing scheduler sits in its path.
+/// Listeners accept on the daemon's runtime and hand connections out in turn.
+struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+    /// Ends the workers' threads (after the connections drained).
+    stop: CancellationToken,
+}
+
+impl Workers {
+    fn start(n: usize) -> io::Result<Self> {
+        let stop = CancellationToken::new();
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(rt.handle().clone());
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("proxy-{i}"))
+                .spawn(move || rt.block_on(stop.cancelled()))?;
+        }
+        Ok(Self {
+            handles,
+            next: AtomicUsize::new(0),
+            stop,
+        })
+    }
+
+    /// The number of workers for this process: the CPUs it may run on.
+    fn count() -> usize {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    }
+
+    /// The next worker, in turn: its index and its runtime.
+    fn pick(&self) -> (usize, &tokio::runtime::Handle) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        (i, &self.handles[i])
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
 }
 
 /// A listener's settings at one moment; swapped whole on reload.
@@ -69,7 +121,8 @@ pub(crate) struct Site {
     cfg: ProxyConfig,
     tls: Arc<rustls::ServerConfig>,
     http: auto::Builder<TokioExecutor>,
-    upstream: Upstream,
+    /// One pooled client per worker: upstream connections stay on the worker that opened them.
+    upstream: Vec<Upstream>,
     response: ResponsePolicy,
     access: AccessLog,
     checks: Checks,
@@ -104,6 +157,7 @@ pub(crate) async fn supervise(
         tracker: Arc::new(Tracker::default()),
         bans: ban_tx,
         shutdown: shutdown.clone(),
+        workers: Workers::start(Workers::count()).context("starting the proxy's worker threads")?,
     });
     let mut listeners: HashMap<SocketAddr, Listener> = HashMap::new();
     let mut first = true;
@@ -187,7 +241,10 @@ async fn reconcile(
 
 async fn build_site(cfg: &ProxyConfig, tls: &TlsState, common: &Common) -> anyhow::Result<Site> {
     let server_config = tls.server_config(&cfg.tls)?;
-    let upstream = Upstream::new(cfg).map_err(anyhow::Error::msg)?;
+    let upstream = (0..common.workers.handles.len())
+        .map(|_| Upstream::new(cfg))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(anyhow::Error::msg)?;
     let access = AccessLog::open(
         &cfg.access_log_target(),
         common.metrics.clone(),
@@ -202,9 +259,11 @@ async fn build_site(cfg: &ProxyConfig, tls: &TlsState, common: &Common) -> anyho
         .timer(TokioTimer::new())
         .header_read_timeout(l.header_timeout)
         .max_buf_size(l.h1_buf_size())
-        .max_headers(l.max_headers.saturating_mul(2).max(100))
         .keep_alive(true)
         .half_close(false);
+    if let Some(n) = hyper_max_headers(l.max_headers) {
+        http.http1().max_headers(n);
+    }
     http.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(l.h2_max_concurrent_streams)
@@ -222,6 +281,15 @@ async fn build_site(cfg: &ProxyConfig, tls: &TlsState, common: &Common) -> anyho
         access,
         checks,
     })
+}
+
+/// The header count hyper parses up to, when more than its default (100). Left at the default,
+/// hyper keeps the header index on the stack; set, it allocates and fills one per request. Our own check
+/// ([`limits::check_request`]) counts against `max_headers` with its own counter; a request past
+/// hyper's bound is refused by hyper (431, counted as `header_bytes`).
+fn hyper_max_headers(max_headers: usize) -> Option<usize> {
+    const HYPER_DEFAULT: usize = 100;
+    (max_headers > HYPER_DEFAULT).then_some(max_headers + 1)
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -339,14 +407,28 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        connections.spawn(connection(
-            tcp,
-            SocketAddr::new(ip, peer.port()),
-            site,
-            slot,
-            common.clone(),
-            stop.clone(),
-        ));
+        // Moved to the worker's reactor there.
+        let tcp = match tcp.into_std() {
+            Ok(t) => t,
+            Err(err) => {
+                tracing::warn!(%err, fault = "internal", "accepted connection lost");
+                continue;
+            }
+        };
+        let (worker, rt) = common.workers.pick();
+        let peer = SocketAddr::new(ip, peer.port());
+        let (common, stop) = (common.clone(), stop.clone());
+        connections.spawn_on(
+            async move {
+                match TcpStream::from_std(tcp) {
+                    Ok(tcp) => connection(tcp, peer, worker, site, slot, common, stop).await,
+                    Err(err) => {
+                        tracing::warn!(%err, fault = "internal", "accepted connection lost");
+                    }
+                }
+            },
+            rt,
+        );
     }
     drop(listener);
     // Connections finish on their own (graceful shutdown was signalled through `stop`).
@@ -372,18 +454,21 @@ fn violation(common: &Common, site: &Site, ip: IpAddr, kind: Kind, at: Instant) 
 /// Per-connection state shared with its requests.
 struct Conn {
     peer: SocketAddr,
+    /// The worker serving it; its upstream client is `site.upstream[worker]`.
+    worker: usize,
     site: Arc<Site>,
     common: Arc<Common>,
     client_cert: bool,
     inflight: AtomicUsize,
     activity: Arc<Activity>,
     h1_requests: AtomicU64,
+    series: SeriesCache,
 }
 
-/// Last time bytes were read, in ms since `epoch`, and what the framing scanner found.
+/// How many reads brought bytes (the idle watchdog compares it between ticks: no clock read per
+/// read), and what the framing scanner found.
 struct Activity {
-    epoch: Instant,
-    last_ms: AtomicU64,
+    reads: AtomicU64,
     /// Index of the first HTTP/1.1 request whose head had both `Content-Length` and
     /// `Transfer-Encoding` (`u64::MAX`: none).
     framing_conflict: AtomicU64,
@@ -391,12 +476,7 @@ struct Activity {
 
 impl Activity {
     fn touch(&self) {
-        self.last_ms
-            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-    fn idle_for(&self) -> Duration {
-        let now = self.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+        self.reads.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -460,6 +540,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
+    worker: usize,
     site: Arc<Site>,
     slot: ConnSlot,
     common: Arc<Common>,
@@ -500,18 +581,19 @@ async fn connection(
     let client_cert = tls.get_ref().1.peer_certificates().is_some();
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let activity = Arc::new(Activity {
-        epoch: Instant::now(),
-        last_ms: AtomicU64::new(0),
+        reads: AtomicU64::new(0),
         framing_conflict: AtomicU64::new(u64::MAX),
     });
     let conn = Arc::new(Conn {
         peer,
+        worker,
         site: site.clone(),
         common: common.clone(),
         client_cert,
         inflight: AtomicUsize::new(0),
         activity: activity.clone(),
         h1_requests: AtomicU64::new(0),
+        series: SeriesCache::default(),
     });
     let io = TokioIo::new(Watched {
         inner: tls,
@@ -528,6 +610,9 @@ async fn connection(
     let mut close_by: Option<Instant> = None;
     let tick = (idle / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
     let mut watchdog = tokio::time::interval(tick);
+    // The read count at the last tick, and since when it has not moved.
+    let mut seen_reads = 0;
+    let mut quiet_since = Instant::now();
     loop {
         tokio::select! {
             res = served.as_mut() => {
@@ -547,8 +632,14 @@ async fn connection(
                     }
                     continue;
                 }
+                let now = Instant::now();
+                let reads = activity.reads.load(Ordering::Relaxed);
+                if reads != seen_reads {
+                    seen_reads = reads;
+                    quiet_since = now;
+                }
                 let busy = watched.inflight.load(Ordering::Relaxed) > 0;
-                if !busy && activity.idle_for() >= idle {
+                if !busy && now.duration_since(quiet_since) >= idle {
                     close_by = Some(Instant::now() + IDLE_GRACE);
                     m.reject("limit", Limit::IdleTimeout.as_str());
                     served.as_mut().graceful_shutdown();
@@ -627,43 +718,53 @@ pub(crate) struct Trace {
     pub banned: bool,
 }
 
+/// What the access log needs of a request, taken before the request goes down the pipeline
+/// (only when the listener logs).
+struct Logged {
+    wall: SystemTime,
+    method: http::Method,
+    host: String,
+    path: String,
+}
+
 async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<RespBody>, Infallible> {
     let start = Instant::now();
-    let wall = SystemTime::now();
     conn.inflight.fetch_add(1, Ordering::Relaxed);
     let _done = scopeguard(|| {
         conn.inflight.fetch_sub(1, Ordering::Relaxed);
     });
     let site = &conn.site;
-    let rid = forward::request_id();
+    let rid = forward::RequestId::next();
     let client = forward::client_ip(conn.peer.ip(), req.headers(), &site.cfg.trusted_proxies);
-    let method = req.method().clone();
     let proto = match req.version() {
         http::Version::HTTP_2 => "HTTP/2.0",
         http::Version::HTTP_10 => "HTTP/1.0",
         _ => "HTTP/1.1",
     };
-    let host = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
-    let path = req.uri().path().to_owned();
+    let logged = site.access.enabled().then(|| Logged {
+        wall: SystemTime::now(),
+        method: req.method().clone(),
+        host: req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default(),
+        path: req.uri().path().to_owned(),
+    });
     let mut trace = Trace::default();
 
     let mut resp = pipeline_steps(req, &conn, client, &rid, &mut trace, start).await;
 
     let from_upstream = matches!(resp.body(), RespBody::Upstream(_));
     site.response.apply(resp.headers_mut(), from_upstream);
-    if let Ok(v) = HeaderValue::from_str(&rid) {
-        resp.headers_mut().insert(forward::X_REQUEST_ID.clone(), v);
-    }
+    resp.headers_mut()
+        .insert(forward::X_REQUEST_ID.clone(), rid.header());
     let status = resp.status();
     if from_upstream && status == StatusCode::NOT_FOUND {
         trace.checks.push("scan:not_found".to_owned());
@@ -675,40 +776,35 @@ async fn handle(req: Request<Incoming>, conn: Arc<Conn>) -> Result<Response<Resp
     }
     let latency = start.elapsed();
     let m = &conn.common.metrics;
-    let route = trace.route.clone().unwrap_or_else(|| "-".to_owned());
-    m.requests
-        .get_or_create(&RequestLabels {
-            listener: site.name.clone(),
-            route: route.clone(),
-            status: status.as_u16(),
-        })
-        .inc();
-    m.request_duration
-        .get_or_create(&RouteLabels {
-            listener: site.name.clone(),
-            route,
-        })
-        .observe(latency.as_secs_f64());
+    conn.series.record(
+        m,
+        &site.name,
+        trace.route.as_deref(),
+        status.as_u16(),
+        latency.as_secs_f64(),
+    );
     m.window.record(latency.as_micros() as u64);
-    site.access.write(&accesslog::Entry {
-        ts: accesslog::timestamp(wall),
-        request_id: &rid,
-        client: client.to_string(),
-        peer: conn.peer.ip().to_string(),
-        proto,
-        method: method.as_str(),
-        host: &host,
-        path: &path,
-        identity: trace.identity.as_deref(),
-        route: trace.route.as_deref(),
-        status: status.as_u16(),
-        latency_us: latency.as_micros() as u64,
-        upstream_us: trace.upstream.as_micros() as u64,
-        checks: &trace.checks,
-        detect_score: trace.detect_score,
-        fault: trace.fault.map(Fault::as_str),
-        client_cert: conn.client_cert,
-    });
+    if let Some(l) = logged {
+        site.access.write(&accesslog::Entry {
+            ts: accesslog::timestamp(l.wall),
+            request_id: rid.as_str(),
+            client: client.to_string(),
+            peer: conn.peer.ip().to_string(),
+            proto,
+            method: l.method.as_str(),
+            host: &l.host,
+            path: &l.path,
+            identity: trace.identity.as_deref(),
+            route: trace.route.as_deref(),
+            status: status.as_u16(),
+            latency_us: latency.as_micros() as u64,
+            upstream_us: trace.upstream.as_micros() as u64,
+            checks: &trace.checks,
+            detect_score: trace.detect_score,
+            fault: trace.fault.map(Fault::as_str),
+            client_cert: conn.client_cert,
+        });
+    }
     Ok(resp)
 }
 
@@ -742,7 +838,7 @@ async fn pipeline_steps(
     req: Request<Incoming>,
     conn: &Conn,
     client: IpAddr,
-    rid: &str,
+    rid: &forward::RequestId,
     trace: &mut Trace,
     start: Instant,
 ) -> Response<RespBody> {
@@ -788,7 +884,7 @@ async fn pipeline_steps(
     // Authentication, authorization, L7 rate limits.
     let t = Instant::now();
     let authorized = site.checks.authorize(&req, client, &c, trace).await;
-    observe(m, "auth", t);
+    observe(m, Step::Auth, t);
     let route = match authorized {
         Ok(route) => route,
         Err(resp) => return early(resp, &req, body).await,
@@ -816,11 +912,11 @@ async fn pipeline_steps(
     let body = match site.checks.inspect(&parts, body, &route, &c, trace).await {
         Ok(body) => body,
         Err(resp) => {
-            observe(m, "detect", t);
+            observe(m, Step::Detect, t);
             return resp;
         }
     };
-    observe(m, "detect", t);
+    observe(m, Step::Detect, t);
     let body = match body {
         pipeline::Inspected::Buffered(b) if b.is_empty() => ReqBody::Empty,
         pipeline::Inspected::Buffered(b) => ReqBody::Full(Some(b)),
@@ -846,9 +942,11 @@ async fn pipeline_steps(
         .any(|p| p.contains(&peer_host));
     forward::prepare(&mut parts, conn.peer.ip(), peer_trusted, rid);
     let t = Instant::now();
-    let sent = site.upstream.send(Request::from_parts(parts, body)).await;
+    let sent = site.upstream[conn.worker]
+        .send(Request::from_parts(parts, body))
+        .await;
     trace.upstream = t.elapsed();
-    observe(m, "upstream", t);
+    observe(m, Step::Upstream, t);
     match sent {
         Ok(resp) => resp.map(RespBody::Upstream),
         Err(e) => {
@@ -872,7 +970,7 @@ async fn pipeline_steps(
             trace.checks.push(format!("upstream:{reason}"));
             tracing::warn!(
                 target: "apifilter::proxy",
-                request_id = rid,
+                request_id = rid.as_str(),
                 fault = e.fault.as_str(),
                 status = e.status.as_u16(),
                 detail = %e.detail,
@@ -902,8 +1000,6 @@ async fn early(resp: Response<RespBody>, head: &Request<()>, body: Incoming) -> 
     resp
 }
 
-fn observe(m: &Metrics, check: &'static str, since: Instant) {
-    m.check_duration
-        .get_or_create(&super::metrics::CheckOnly { check })
-        .observe(since.elapsed().as_secs_f64());
+fn observe(m: &Metrics, step: Step, since: Instant) {
+    m.check(step, since.elapsed().as_secs_f64());
 }
