@@ -11,6 +11,10 @@ use filter_user::{config::Config, control::Control, loader::PinDir, proxy};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// The same allocator as the `apifilter` binary.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let path = std::env::args()
         .nth(1)
