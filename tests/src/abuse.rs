@@ -54,6 +54,23 @@ pub fn raise_nofile(n: u64) -> u64 {
     }
 }
 
+/// Run the calling thread, and the threads it starts from now on, under `SCHED_IDLE`: it gets
+/// only the CPU time nothing else wants. Attack threads run this way so that the legitimate
+/// client and the daemon, sharing the machine's cores with them, are not preempted by the
+/// attacker's own client work (in the field, attackers run on machines of their own); what
+/// slows the legitimate client down is then the daemon's handling of the attack.
+pub fn idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a plain syscall on the calling thread (pid 0) with a local struct.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setscheduler(SCHED_IDLE): {}",
+        io::Error::last_os_error()
+    );
+}
+
 /// A `Vm*` field of `/proc/PID/status` in KiB (`VmHWM` is the peak resident set, `VmRSS` the
 /// current one); panics when the process is gone.
 pub fn vm_kib(pid: u32, field: &str) -> u64 {

@@ -11,6 +11,9 @@
 //! and that the attack itself was answered the way the proxy promises. Then `testssl.sh` scans
 //! the proxy's TLS.
 //!
+//! CPU-bound attack threads run under `SCHED_IDLE`: attackers bring their own machines, so their
+//! client work should not preempt the legitimate client or the daemon on the shared cores.
+//!
 //! The connection caps are raised in these configs (a distributed attack from many addresses is
 //! modelled from loopback), and so is `RLIMIT_NOFILE` (inherited by the daemon).
 //!
@@ -28,18 +31,19 @@ use integration_tests::{
     Instance,
     abuse::{
         ENHANCE_YOUR_CALM, Legit, Recorder, alive, client_config, goaway_code, h2_rapid_reset,
-        quantile, raise_nofile, read_response, read_until_closed, statuses, try_tls, vm_kib,
+        idle_priority, quantile, raise_nofile, read_response, read_until_closed, statuses, try_tls, vm_kib,
     },
     daemon::Daemon,
     proxy::{Certs, Tls, free_port, proxy_section, tcp_from, wait_listening},
 };
 
-/// Absolute slack on the p99 bound. The unloaded p99 of a keep-alive request on loopback is a
-/// few hundred microseconds, so 3× of it is below one scheduler time slice: on 2 cores shared
-/// by the proxy, the attack's client threads and the upstream, a single preemption of the
-/// legitimate client (up to the 3 ms minimum CFS slice plus a wakeup) would fail the bound
-/// without the proxy being at fault.
-const FLOOR: Duration = Duration::from_millis(5);
+/// Absolute slack on the p99 bound. The unloaded p99 of a keep-alive request on loopback is
+/// 40–120 µs here, so 3× of it is shorter than one TLS handshake's CPU time: on 2 cores, the
+/// worker serving the legitimate connection also serves some of the attack's connections, and a
+/// request that arrives while that worker computes a handshake or decodes a burst of frames
+/// waits for it. The attack threads run under `SCHED_IDLE` (see [`idle_priority`]), so the
+/// attacker's own client work does not count against the proxy.
+const FLOOR: Duration = Duration::from_millis(1);
 /// The daemon's peak resident set must stay under this (KiB): 256 MiB.
 const MAX_RSS_KIB: u64 = 256 * 1024;
 /// Legitimate requests timed per phase (at least).
@@ -199,6 +203,7 @@ fn slowloris_2000_connections() {
     let port = b.port;
     let cfg = client_config(&b.certs, &[b"http/1.1"]);
     let (conns, dropped) = b.under("slowloris", Duration::from_secs(2), |ctl| {
+        idle_priority();
         let started = Instant::now();
         let mut conns: Vec<(Instant, Tls)> = std::thread::scope(|s| {
             let hs: Vec<_> = (0..2)
@@ -286,6 +291,7 @@ fn header_bombs() {
     let big = format!("X-Big: {}\r\n", "b".repeat(20 * 1024)).into_bytes();
     let bombs: [(&str, &[u8]); 3] = [("huge", &huge), ("many", &many), ("big", &big)];
     let results = b.under("header bombs", Duration::from_secs(2), |ctl| {
+        idle_priority();
         std::thread::scope(|s| {
             let hs: Vec<_> = (0..2)
                 .map(|_| {
@@ -431,6 +437,7 @@ fn body_bombs() {
         ("inspected", &inspected, &chunk),
     ];
     let results = b.under("body bombs", Duration::from_secs(2), |ctl| {
+        idle_priority();
         std::thread::scope(|s| {
             let hs: Vec<_> = (0..2)
                 .map(|_| {
@@ -495,6 +502,7 @@ fn h2_rapid_reset_flood() {
     let cfg = client_config(&b.certs, &[b"h2"]);
     let flood = h2_rapid_reset(1000);
     let results = b.under("h2 rapid reset", Duration::from_secs(2), |ctl| {
+        idle_priority();
         std::thread::scope(|s| {
             let hs: Vec<_> = (0..2)
                 .map(|_| {
@@ -658,6 +666,7 @@ fn request_smuggling() {
     let cfg = client_config(&b.certs, &[b"http/1.1"]);
     let attempts = smuggling_attempts();
     let results = b.under("smuggling", Duration::from_secs(2), |ctl| {
+        idle_priority();
         std::thread::scope(|s| {
             let hs: Vec<_> = (0..2)
                 .map(|_| {
