@@ -1,21 +1,32 @@
 //! End-to-end tests of the daemon (`apifilter run`), root only: config checking, start-up
 //! restore, the counter log and drop events, Prometheus metrics, SIGHUP reloads, restarts and
-//! kill -9 with no window for blocked traffic, a simulated reboot, adaptive rate limiting and
-//! alerts. Each test builds its own `server`/`client` namespaces (see `netns::Topology`), runs the
-//! daemon inside the server namespace with its own pin and state dirs, and sends real packets.
+//! kill -9 with no window for blocked traffic, kill -9 at random points of imports and feed
+//! refreshes (see `integration_tests::crash`), a simulated reboot, adaptive
+//! rate limiting and alerts. Each test builds its own `server`/`client` namespaces (see
+//! `netns::Topology`), runs the daemon inside the server namespace with its own pin and state
+//! dirs, and sends real packets.
 //!
 //! Addresses: 198.18.0.0/15 and 2001:db8::/32 only, inside the test's namespaces. Table contents
-//! (never sent to) may come from 100.64.0.0/10.
+//! (never sent to) may come from 100.64.0.0/10 and 2001:db8::/32.
+//!
+//! The kill tests print their seed; `APIFILTER_TEST_SEED=0x…` replays a run and
+//! `APIFILTER_TEST_ROUNDS` (default 3) sets how many kills each makes.
 
 use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
+    collections::{BTreeMap, HashSet},
+    net::{Ipv4Addr, SocketAddr},
+    os::unix::process::ExitStatusExt as _,
+    path::Path,
+    process::{Child, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
+use filter_user::cidr::Prefix;
 use integration_tests::{
     Instance,
+    crash::{self, Hit, Phase, Plan, Probe, Snapshot},
     daemon::{Daemon, free_port, pin_drop_all_program},
+    generate::Rng,
     netns::{Netns, Sink, Topology, send_udp, send_udp_paced, v4},
 };
 use serde_json::Value;
@@ -63,17 +74,6 @@ fn listed(ns: &Netns, inst: &Instance) -> Vec<Value> {
         .as_array()
         .cloned()
         .unwrap_or_default()
-}
-
-/// Entries the kernel holds in the blocklist tables, from `status --json`.
-fn kernel_block_entries(ns: &Netns, inst: &Instance) -> u64 {
-    status(ns, inst)["maps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|m| !m["name"].as_str().unwrap().starts_with("ALLOW") && m["name"] != "RATELIMIT")
-        .map(|m| m["entries"].as_u64().unwrap())
-        .sum()
 }
 
 fn base_config(iface: &str, extra: &str) -> String {
@@ -292,65 +292,199 @@ fn restarts_and_kill_9_open_no_window_for_blocked_traffic() {
     assert_eq!(c.get("drop_blocklist").copied().unwrap_or(0), flood_sent);
 }
 
-/// kill -9 in the middle of a 1M-entry import, then a daemon start: the database holds none of
-/// the import (its transaction never committed), and the kernel, which had taken part of it,
-/// is brought back in line with the database.
+/// Hosts in each version of the big import and the big feed, next to a few hundred each of the
+/// other kinds of entries (see `crash::list_version`).
+const BIG_HOSTS: usize = 300_000;
+
+/// `apifilter import FILE --source SOURCE --replace`, started; its stderr goes to `FILE.log`.
+fn spawn_import(inst: &Instance, file: &Path, source: &str) -> Child {
+    let log = std::fs::File::create(file.with_extension("log")).unwrap();
+    inst.cmd()
+        .arg("import")
+        .arg(file)
+        .args(["--source", source, "--replace"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start apifilter import")
+}
+
+/// Wait for `child` to exit by itself; panics after `timeout`.
+fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {} still running after {timeout:?}",
+            child.id()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn prefixes(list: &[&str]) -> HashSet<Prefix> {
+    list.iter().map(|p| p.parse().unwrap()).collect()
+}
+
+/// kill -9 at random points of big imports, then a daemon start. Each round imports the next
+/// version of a 302,400-entry list over the one the database holds (`import --replace`: the new
+/// entries claimed, then the ones gone released; 151,200 of each when the version before had
+/// committed, which the next one shares half its entries with, twice that when it had not) and
+/// kills the import and the daemon before the import's first kernel write,
+/// right after a random one of its kernel writes, or shortly after it committed: a phase per round,
+/// in a random order, at a random point within it (seeded; `APIFILTER_TEST_SEED` replays a run).
+/// After each restart the database holds the new version whole (it committed) or the old one
+/// whole, never a mix; the kernel holds exactly what the database holds, entry by entry with its
+/// expiry; and the CLI's entries and another source's import, committed before, are all there.
 #[test]
 fn kill_9_during_a_big_import_leaves_database_and_kernel_in_agreement() {
+    let started = Instant::now();
+    let seed = crash::seed("kill_9_during_a_big_import");
+    let mut rng = Rng::new(seed);
+    let phases = crash::phases(&mut rng, crash::rounds());
     let topo = Topology::new();
     let inst = Instance::new("dkill");
-    let d = Daemon::start(&topo.server, &inst, &base_config("s0", ""));
+    let cfg = base_config("s0", "");
+    let mut d = Daemon::start(&topo.server, &inst, &cfg);
+    let cli = prefixes(&["198.18.1.7", "198.18.200.0/24", "2001:db8:1::/48"]);
     af_ok(
         &topo.server,
         &inst,
-        &["block", "198.18.1.7", "198.18.200.0/24"],
+        &["block", "198.18.1.7", "198.18.200.0/24", "2001:db8:1::/48"],
     );
-    let file = inst.state_dir.join("import.txt");
-    let mut text = String::with_capacity(16 << 20);
-    for i in 0..1_000_000u32 {
-        // 100.64.0.0/10: table contents only, never sent to.
-        let a = (100u32 << 24) | (64 << 16) | i;
-        text.push_str(&std::net::Ipv4Addr::from(a).to_string());
-        text.push('\n');
-    }
-    std::fs::write(&file, text).unwrap();
-    let mut import = topo
-        .server
-        .apifilter(&inst)
-        .args(["import", file.to_str().unwrap(), "--source", "big"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until the kernel has taken part of it, then kill.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while kernel_block_entries(&topo.server, &inst) < 1000 {
-        assert!(Instant::now() < deadline, "import never reached the kernel");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    import.kill().unwrap();
-    import.wait().unwrap();
-    let partial = kernel_block_entries(&topo.server, &inst);
-    assert!(partial > 2, "killed half way: kernel holds {partial}");
-    d.kill();
-    let d = Daemon::start(&topo.server, &inst, &base_config("s0", ""));
-    let listed_block = listed(&topo.server, &inst)
-        .iter()
-        .filter(|e| e["list"] == "block")
-        .count() as u64;
-    assert_eq!(listed_block, 2, "the import left nothing in the database");
-    assert_eq!(
-        kernel_block_entries(&topo.server, &inst),
-        2,
-        "the kernel agrees"
+    // Another source's import, committed before any kill; no round touches it.
+    let small: Vec<Prefix> = (0..1000u32)
+        .map(|i| Prefix::host(Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 127, 0, 0)) + i).into()))
+        .collect();
+    let small_file = inst.state_dir.join("small.txt");
+    std::fs::write(&small_file, crash::list_text(&small)).unwrap();
+    af_ok(
+        &topo.server,
+        &inst,
+        &["import", small_file.to_str().unwrap(), "--source", "small"],
     );
+    let small: HashSet<Prefix> = small.into_iter().collect();
+
+    // The first version, committed; timed, so a kill can aim before the first kernel write.
+    let file = inst.state_dir.join("big.txt");
+    let list = crash::list_version(0, BIG_HOSTS);
+    std::fs::write(&file, crash::list_text(&list)).unwrap();
+    let mut held: HashSet<Prefix> = list.into_iter().collect();
+    let plan = Plan::replace(&HashSet::new(), &held);
+    let probe = Probe::open(&inst);
+    let mut import = spawn_import(&inst, &file, "big");
+    let t0 = Instant::now();
+    let reached = plan.wait_for(
+        0,
+        &probe,
+        || import.try_wait().unwrap().is_some(),
+        Duration::from_secs(60),
+    );
+    let first_write = t0.elapsed();
+    let st = wait_exit(&mut import, Duration::from_secs(120));
+    let whole = t0.elapsed();
     assert!(
-        listed(&topo.server, &inst)
-            .iter()
-            .all(|e| e["in_kernel"] == true),
-        "every stored entry is in the kernel"
+        reached && st.success(),
+        "the first import failed ({st}):\n{}",
+        std::fs::read_to_string(file.with_extension("log")).unwrap_or_default()
     );
+    println!(
+        "import of {} entries as `big`: first kernel write after {} ms, committed and exited after {} ms",
+        plan.len(),
+        first_write.as_millis(),
+        whole.as_millis()
+    );
+    let snap = Snapshot::take(&inst);
+    snap.assert_agree("before any kill");
+    assert_eq!(snap.owned("big"), held);
+
+    for (round, phase) in phases.iter().enumerate() {
+        let round_started = Instant::now();
+        let list = crash::list_version(round + 1, BIG_HOSTS);
+        std::fs::write(&file, crash::list_text(&list)).unwrap();
+        let wanted: HashSet<Prefix> = list.into_iter().collect();
+        let plan = Plan::replace(&held, &wanted);
+        let mut import = spawn_import(&inst, &file, "big");
+        let t0 = Instant::now();
+        let aim = match phase {
+            Phase::BeforeKernel => {
+                let at = crash::between(&mut rng, Duration::ZERO, first_write.mul_f64(0.8));
+                std::thread::sleep(at.saturating_sub(t0.elapsed()));
+                format!("{} ms after the start", at.as_millis())
+            }
+            Phase::DuringKernel => {
+                let k = rng.below(plan.len() as u64) as usize;
+                plan.wait_for(
+                    k,
+                    &probe,
+                    || import.try_wait().unwrap().is_some(),
+                    Duration::from_secs(60),
+                );
+                format!("after kernel write {k} of {}", plan.len())
+            }
+            Phase::AfterCommit => {
+                wait_exit(&mut import, Duration::from_secs(120));
+                let after = crash::between(&mut rng, Duration::ZERO, Duration::from_millis(300));
+                std::thread::sleep(after);
+                format!("{} ms after the import exited", after.as_millis())
+            }
+        };
+        // The kill: the import (unless it is done), then the daemon.
+        let _ = import.kill();
+        let st = import.wait().unwrap();
+        assert!(
+            st.success() || st.signal() == Some(libc::SIGKILL),
+            "the import failed ({st}):\n{}",
+            std::fs::read_to_string(file.with_extension("log")).unwrap_or_default()
+        );
+        let reported = st.success();
+        d.kill();
+        let at_kill = crash::kernel(&inst);
+        let done = plan.done_in(&at_kill);
+
+        d = Daemon::start(&topo.server, &inst, &cfg);
+        let snap = Snapshot::take(&inst);
+        snap.assert_agree(&format!("round {round}, after the restart"));
+        let big = snap.owned("big");
+        let committed = if big == wanted {
+            true
+        } else if big == held {
+            false
+        } else {
+            panic!(
+                "round {round}: the import is half applied: {}",
+                crash::describe_mix(&big, &held, &wanted)
+            );
+        };
+        let hit = Hit::classify(committed, reported, done, plan.len());
+        assert_eq!(snap.owned("cli"), cli, "the CLI's entries are all there");
+        assert_eq!(snap.owned("small"), small, "the other import is all there");
+        assert_eq!(
+            snap.stored.len(),
+            cli.len() + small.len() + big.len(),
+            "nothing else is stored"
+        );
+        println!(
+            "round {round}: aimed {phase:?}, {aim}; hit: {hit}; the kernel held {} entries at the \
+             kill; after the restart {} stored, {} in the kernel, agreeing ({:.1} s)",
+            at_kill.len(),
+            snap.stored.len(),
+            snap.kernel.len(),
+            round_started.elapsed().as_secs_f64()
+        );
+        if hit.committed() {
+            held = wanted;
+        }
+    }
     assert!(d.stop().success());
+    println!(
+        "kill_9_during_a_big_import: {} rounds in {:.1} s",
+        phases.len(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// A simulated reboot (bpffs emptied: program, maps and links gone): the daemon's start-up
@@ -652,70 +786,138 @@ fn program_upgrade_switches_links_with_no_window() {
     assert!(d.stop().success());
 }
 
-/// kill -9 while a feed refresh is being applied: the refresh's transaction never committed, so
-/// after a restart the database holds none of it and the kernel, which had taken part of it, is
-/// brought back in line: no half-applied feed.
+/// kill -9 at random points of big feed refreshes. Each round writes the next version of a
+/// 302,400-entry list to a `file://` feed and starts the daemon, whose first refresh replaces the
+/// version the feed holds (claims, then releases, as in the import test above, with the feed's
+/// cursor in the same transaction); the daemon is killed before the refresh's first kernel write, right after a random
+/// one of its kernel writes, or shortly after it logged the refresh: a phase per round, in a random
+/// order, at a random point within it (seeded; `APIFILTER_TEST_SEED` replays a run). The daemon
+/// then starts with the feed's file gone, so the feed cannot refresh and keeps what it holds: the
+/// new version whole or the old one whole, never a mix; the kernel holds exactly what the
+/// database holds; the CLI's entries are all there.
 #[test]
 fn kill_9_during_a_feed_refresh_leaves_no_half_applied_feed() {
+    let started = Instant::now();
+    let seed = crash::seed("kill_9_during_a_feed_refresh");
+    let mut rng = Rng::new(seed);
+    let phases = crash::phases(&mut rng, crash::rounds());
     let topo = Topology::new();
     let inst = Instance::new("dkillfeed");
-    let feed = inst.state_dir.join("big-feed.txt");
     std::fs::create_dir_all(&inst.state_dir).unwrap();
-    let mut text = String::with_capacity(16 << 20);
-    for i in 0..1_000_000u32 {
-        // 100.64.0.0/10: table contents only, never sent to.
-        text.push_str(&std::net::Ipv4Addr::from((100u32 << 24) | (64 << 16) | i).to_string());
-        text.push('\n');
-    }
-    std::fs::write(&feed, text).unwrap();
-    let with_feed = base_config(
+    let feed = inst.state_dir.join("big-feed.txt");
+    let away = inst.state_dir.join("big-feed.away");
+    let cfg = base_config(
         "s0",
         &format!(
             "[[feed]]\nname = \"big\"\nurl = \"file://{}\"\n",
             feed.display()
         ),
     );
-    // Start with the feed file absent from the config, add two CLI entries, then reload with it.
-    let d = Daemon::start(&topo.server, &inst, &base_config("s0", ""));
+    // Stored while nothing is loaded; the daemon's start restores them.
+    let cli = prefixes(&["198.18.1.7", "198.18.200.0/24", "2001:db8:1::/48"]);
     af_ok(
         &topo.server,
         &inst,
-        &["block", "198.18.1.7", "198.18.200.0/24"],
+        &["block", "198.18.1.7", "198.18.200.0/24", "2001:db8:1::/48"],
     );
-    d.write_config(&with_feed);
-    d.signal(libc::SIGHUP);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while kernel_block_entries(&topo.server, &inst) < 1000 {
-        assert!(
-            Instant::now() < deadline && d.log_lines("feed refreshed").is_empty(),
-            "the refresh never reached the kernel, or finished before it could be interrupted:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(
-        d.log_lines("feed refreshed").is_empty(),
-        "killed before the commit"
-    );
-    d.kill();
-    let partial = kernel_block_entries(&topo.server, &inst);
-    assert!(
-        partial > 2,
-        "the kernel held part of the refresh: {partial}"
-    );
-    // Back without the feed: nothing of it was committed, and the kernel agrees.
-    let d = Daemon::start(&topo.server, &inst, &base_config("s0", ""));
-    let entries = listed(&topo.server, &inst);
-    assert_eq!(entries.len(), 2, "only the CLI's entries are stored");
-    assert!(
-        entries
-            .iter()
-            .all(|e| e["owners"] == serde_json::json!(["cli"]))
-    );
-    assert_eq!(
-        kernel_block_entries(&topo.server, &inst),
-        2,
-        "the kernel agrees"
+    let owner = "feed:big";
+
+    // The first version, committed; timed, so a kill can aim before the first kernel write.
+    let list = crash::list_version(0, BIG_HOSTS);
+    std::fs::write(&feed, crash::list_text(&list)).unwrap();
+    let mut held: HashSet<Prefix> = list.into_iter().collect();
+    let plan = Plan::replace(&HashSet::new(), &held);
+    let d = Daemon::start(&topo.server, &inst, &cfg);
+    let t0 = Instant::now();
+    let probe = Probe::open(&inst);
+    plan.wait_for(0, &probe, || false, Duration::from_secs(60));
+    let first_write = t0.elapsed();
+    d.wait_log("feed refreshed", Duration::from_secs(60));
+    println!(
+        "refresh of {} entries into feed `big`: first kernel write {} ms after the daemon's start, logged after {} ms",
+        plan.len(),
+        first_write.as_millis(),
+        t0.elapsed().as_millis()
     );
     assert!(d.stop().success());
+    let snap = Snapshot::take(&inst);
+    snap.assert_agree("before any kill");
+    assert_eq!(snap.owned(owner), held);
+
+    for (round, phase) in phases.iter().enumerate() {
+        let round_started = Instant::now();
+        let list = crash::list_version(round + 1, BIG_HOSTS);
+        std::fs::write(&feed, crash::list_text(&list)).unwrap();
+        let wanted: HashSet<Prefix> = list.into_iter().collect();
+        let plan = Plan::replace(&held, &wanted);
+        let d = Daemon::start(&topo.server, &inst, &cfg);
+        let t0 = Instant::now();
+        let refreshed = || !d.log_lines("feed refreshed").is_empty();
+        let aim = match phase {
+            Phase::BeforeKernel => {
+                let at = crash::between(&mut rng, Duration::ZERO, first_write.mul_f64(0.8));
+                std::thread::sleep(at.saturating_sub(t0.elapsed()));
+                format!("{} ms after the daemon's start", at.as_millis())
+            }
+            Phase::DuringKernel => {
+                let k = rng.below(plan.len() as u64) as usize;
+                plan.wait_for(k, &probe, refreshed, Duration::from_secs(60));
+                format!("after kernel write {k} of {}", plan.len())
+            }
+            Phase::AfterCommit => {
+                d.wait_log("feed refreshed", Duration::from_secs(60));
+                let after = crash::between(&mut rng, Duration::ZERO, Duration::from_millis(300));
+                std::thread::sleep(after);
+                format!("{} ms after the refresh was logged", after.as_millis())
+            }
+        };
+        let reported = refreshed();
+        d.kill();
+        let at_kill = crash::kernel(&inst);
+        let done = plan.done_in(&at_kill);
+
+        // Back with the feed configured but its file gone: the refresh fails and the feed keeps
+        // what it holds.
+        std::fs::rename(&feed, &away).unwrap();
+        let d = Daemon::start(&topo.server, &inst, &cfg);
+        d.wait_log("feed refresh failed", Duration::from_secs(20));
+        let snap = Snapshot::take(&inst);
+        snap.assert_agree(&format!("round {round}, after the restart"));
+        let got = snap.owned(owner);
+        let committed = if got == wanted {
+            true
+        } else if got == held {
+            false
+        } else {
+            panic!(
+                "round {round}: the refresh is half applied: {}",
+                crash::describe_mix(&got, &held, &wanted)
+            );
+        };
+        let hit = Hit::classify(committed, reported, done, plan.len());
+        assert_eq!(snap.owned("cli"), cli, "the CLI's entries are all there");
+        assert_eq!(
+            snap.stored.len(),
+            cli.len() + got.len(),
+            "nothing else is stored"
+        );
+        assert!(d.stop().success());
+        std::fs::remove_file(&away).unwrap();
+        println!(
+            "round {round}: aimed {phase:?}, {aim}; hit: {hit}; the kernel held {} entries at the \
+             kill; after the restart {} stored, {} in the kernel, agreeing ({:.1} s)",
+            at_kill.len(),
+            snap.stored.len(),
+            snap.kernel.len(),
+            round_started.elapsed().as_secs_f64()
+        );
+        if hit.committed() {
+            held = wanted;
+        }
+    }
+    println!(
+        "kill_9_during_a_feed_refresh: {} rounds in {:.1} s",
+        phases.len(),
+        started.elapsed().as_secs_f64()
+    );
 }
