@@ -1,13 +1,14 @@
 //! End-to-end tests of the daemon (`apifilter run`), root only: config checking, start-up
 //! restore, the counter log and drop events, Prometheus metrics, SIGHUP reloads, restarts and
-//! kill -9 with no window for blocked traffic, kill -9 at random points of imports and feed
-//! refreshes (see `integration_tests::crash`), a simulated reboot, adaptive
+//! kill -9 with no window for blocked traffic, kill -9 at random points of imports, feed
+//! refreshes and CrowdSec pulls (see `integration_tests::crash`), a simulated reboot, adaptive
 //! rate limiting and alerts. Each test builds its own `server`/`client` namespaces (see
 //! `netns::Topology`), runs the daemon inside the server namespace with its own pin and state
 //! dirs, and sends real packets.
 //!
 //! Addresses: 198.18.0.0/15 and 2001:db8::/32 only, inside the test's namespaces. Table contents
-//! (never sent to) may come from 100.64.0.0/10 and 2001:db8::/32.
+//! (never sent to) may come from 100.64.0.0/10 and 2001:db8::/32. The CrowdSec LAPI listens on
+//! loopback.
 //!
 //! The kill tests print their seed; `APIFILTER_TEST_SEED=0x…` replays a run and
 //! `APIFILTER_TEST_ROUNDS` (default 3) sets how many kills each makes.
@@ -917,6 +918,247 @@ fn kill_9_during_a_feed_refresh_leaves_no_half_applied_feed() {
     }
     println!(
         "kill_9_during_a_feed_refresh: {} rounds in {:.1} s",
+        phases.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// Decisions of batch `b` for the CrowdSec kill test, as `cscli decisions import` reads them: `n`
+/// IPv4 hosts after those of the batches before (`first`), and 20 each of IPv4 /24 ranges, IPv6
+/// hosts and IPv6 /64 ranges, all banned for 4 h. Returns the CSV and the prefixes.
+fn decision_batch(b: usize, first: u32, n: u32) -> (String, HashSet<Prefix>) {
+    let mut values: Vec<(&str, String)> = (0..n)
+        .map(|i| {
+            let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(100, 64, 0, 0)) + first + i);
+            ("ip", a.to_string())
+        })
+        .collect();
+    for j in 0..20 {
+        let k = b * 20 + j;
+        values.push(("range", format!("100.120.{k}.0/24")));
+        values.push(("ip", format!("2001:db8:c::{k:x}")));
+        values.push(("range", format!("2001:db8:d:{k:x}::/64")));
+    }
+    let mut csv = String::from("duration,scope,value\n");
+    for (scope, value) in &values {
+        csv.push_str(&format!("4h,{scope},{value}\n"));
+    }
+    let set = values.iter().map(|(_, v)| v.parse().unwrap()).collect();
+    (csv, set)
+}
+
+/// What the LAPI hands a bouncer on a full pull (`startup=true`), as prefixes.
+fn lapi_full_set(lapi: &integration_tests::crowdsec::Lapi, key: &str) -> HashSet<Prefix> {
+    let out = std::process::Command::new("curl")
+        .args(["-sf", "--max-time", "120", "-H"])
+        .arg(format!("X-Api-Key: {key}"))
+        .arg(format!(
+            "{}/v1/decisions/stream?startup=true&scopes=ip,range",
+            lapi.url()
+        ))
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "curl the LAPI stream: {}", out.status);
+    let v: Value = serde_json::from_slice(&out.stdout).expect("stream JSON");
+    v["new"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| {
+            assert_eq!(d["type"], "ban", "{d}");
+            d["value"].as_str().unwrap().parse().unwrap()
+        })
+        .collect()
+}
+
+/// kill -9 at random points of the CrowdSec bouncer's full pull. A first pull commits 2,060
+/// decisions; then each round adds 60,060 more to a real LAPI (`cscli decisions import`) and
+/// starts the daemon, whose startup pull asks for all of them and applies them in one transaction
+/// with the stream cursor; the daemon is killed before the pull's first kernel write (the LAPI
+/// takes most of that time to answer), right after a random one of its kernel writes, or shortly
+/// after it logged the full set: a phase per round, in a random order, at a random point within it
+/// (seeded; `APIFILTER_TEST_SEED` replays a run). The daemon then starts with the LAPI stopped, so
+/// no pull can change anything: the bouncer holds the decisions committed before, with or
+/// without the round's (whole), never a mix; the kernel holds exactly what the database holds; the
+/// CLI's entries are all there. Then the LAPI starts again and the bouncer converges to exactly
+/// the decisions the LAPI hands out, the kernel agreeing.
+#[test]
+fn kill_9_during_a_crowdsec_pull_keeps_what_was_committed() {
+    use integration_tests::crowdsec::Lapi;
+    const FIRST: u32 = 2_000;
+    const BATCH: u32 = 60_000;
+    let started = Instant::now();
+    let seed = crash::seed("kill_9_during_a_crowdsec_pull");
+    let mut rng = Rng::new(seed);
+    let phases = crash::phases(&mut rng, crash::rounds());
+    let topo = Topology::new();
+    let inst = Instance::new("dkillcs");
+    // The filter on s0 in the server namespace; the daemon runs here, next to the LAPI on
+    // loopback, and works on the same pins.
+    af_ok(&topo.server, &inst, &["attach", "s0"]);
+    let cli = prefixes(&["198.18.1.7", "198.18.200.0/24", "2001:db8:1::/48"]);
+    af_ok(
+        &topo.server,
+        &inst,
+        &["block", "198.18.1.7", "198.18.200.0/24", "2001:db8:1::/48"],
+    );
+    let mut lapi = Lapi::start();
+    let key = lapi.bouncer_key("apifilter");
+    // A second bouncer, to see what the LAPI hands out.
+    let checker = lapi.bouncer_key("checker");
+    let csv = inst.state_dir.join("decisions.csv");
+    let import = |lapi: &Lapi, b: usize, first: u32, n: u32| {
+        let (text, set) = decision_batch(b, first, n);
+        std::fs::write(&csv, text).unwrap();
+        let t = Instant::now();
+        lapi.cs(&["decisions", "import", "-i", csv.to_str().unwrap()]);
+        (set, t.elapsed())
+    };
+    let cfg = format!(
+        "interfaces = []\n[crowdsec]\nlapi_url = \"{}\"\napi_key = \"{key}\"\nupdate_frequency = \"1s\"\ntimeout = \"60s\"\n",
+        lapi.url()
+    );
+    let owner = "crowdsec";
+    let check_ttls = |snap: &Snapshot, what: &str| {
+        let now = filter_user::store::unix_ms();
+        for ((_, p), (owners, exp)) in &snap.stored {
+            if owners.iter().any(|o| o == owner) {
+                let exp = exp.unwrap_or_else(|| panic!("{what}: {p} is permanent"));
+                assert!(
+                    exp > now && exp <= now + 4 * 3_600_000 + 5_000,
+                    "{what}: {p} expires in {} ms, not within the decision's 4 h",
+                    exp - now
+                );
+            }
+        }
+    };
+
+    // The first pull, committed.
+    let (mut held, took) = import(&lapi, 0, 0, FIRST);
+    println!(
+        "{} decisions imported into the LAPI in {} ms",
+        held.len(),
+        took.as_millis()
+    );
+    let d = Daemon::start_here(&inst, &cfg);
+    let line = d.wait_log("CrowdSec full set applied", Duration::from_secs(60));
+    assert_eq!(line["fields"]["decisions"], held.len(), "{line}");
+    assert!(d.stop().success());
+    let snap = Snapshot::take(&inst);
+    snap.assert_agree("before any kill");
+    assert_eq!(snap.owned(owner), held);
+    check_ttls(&snap, "before any kill");
+
+    let mut next = FIRST;
+    for (round, phase) in phases.iter().enumerate() {
+        let round_started = Instant::now();
+        let (batch, took) = import(&lapi, round + 1, next, BATCH);
+        next += BATCH;
+        let wanted: HashSet<Prefix> = held.union(&batch).copied().collect();
+        let plan = Plan::replace(&held, &wanted);
+        // How long the LAPI takes to hand out the full set: the pull writes nothing to the
+        // kernel before it has the answer.
+        let fetch = (*phase == Phase::BeforeKernel).then(|| {
+            let t = Instant::now();
+            assert_eq!(lapi_full_set(&lapi, &checker), wanted);
+            t.elapsed()
+        });
+        let d = Daemon::start_here(&inst, &cfg);
+        let t0 = Instant::now();
+        let probe = Probe::open(&inst);
+        let applied = || !d.log_lines("CrowdSec full set applied").is_empty();
+        let aim = match phase {
+            Phase::BeforeKernel => {
+                let fetch = fetch.expect("timed above");
+                let at = crash::between(&mut rng, Duration::ZERO, fetch.mul_f64(0.8));
+                std::thread::sleep(at.saturating_sub(t0.elapsed()));
+                format!(
+                    "{} ms after the daemon's start (the LAPI answers a full pull in {} ms)",
+                    at.as_millis(),
+                    fetch.as_millis()
+                )
+            }
+            Phase::DuringKernel => {
+                let k = rng.below(plan.len() as u64) as usize;
+                plan.wait_for(k, &probe, applied, Duration::from_secs(120));
+                format!("after kernel write {k} of {}", plan.len())
+            }
+            Phase::AfterCommit => {
+                d.wait_log("CrowdSec full set applied", Duration::from_secs(120));
+                let after = crash::between(&mut rng, Duration::ZERO, Duration::from_millis(300));
+                std::thread::sleep(after);
+                format!("{} ms after the full set was logged", after.as_millis())
+            }
+        };
+        let reported = applied();
+        d.kill();
+        let killed_after = t0.elapsed();
+        let at_kill = crash::kernel(&inst);
+        let done = plan.done_in(&at_kill);
+
+        // Back with the LAPI stopped: no pull can change anything.
+        lapi.stop();
+        let d = Daemon::start_here(&inst, &cfg);
+        d.wait_log("CrowdSec pull failed", Duration::from_secs(20));
+        let snap = Snapshot::take(&inst);
+        snap.assert_agree(&format!("round {round}, after the restart"));
+        let got = snap.owned(owner);
+        let committed = if got == wanted {
+            true
+        } else if got == held {
+            false
+        } else {
+            panic!(
+                "round {round}: the pull is half applied: {}",
+                crash::describe_mix(&got, &held, &wanted)
+            );
+        };
+        let hit = Hit::classify(committed, reported, done, plan.len());
+        assert_eq!(snap.owned("cli"), cli, "the CLI's entries are all there");
+        assert_eq!(
+            snap.stored.len(),
+            cli.len() + got.len(),
+            "nothing else is stored"
+        );
+        check_ttls(&snap, &format!("round {round}, after the restart"));
+        let held_at_restart = snap.stored.len();
+
+        // The LAPI back: the bouncer's next full pull brings it level with the LAPI.
+        lapi.start_again();
+        let back = Instant::now();
+        let line = d.wait_log("CrowdSec full set applied", Duration::from_secs(60));
+        let converged = back.elapsed();
+        let served = lapi_full_set(&lapi, &checker);
+        assert_eq!(served, wanted, "the LAPI hands out every decision added");
+        assert_eq!(line["fields"]["decisions"], served.len(), "{line}");
+        let snap = Snapshot::take(&inst);
+        snap.assert_agree(&format!("round {round}, after the LAPI came back"));
+        assert_eq!(
+            snap.owned(owner),
+            served,
+            "the bouncer holds what the LAPI hands out"
+        );
+        assert_eq!(snap.owned("cli"), cli);
+        check_ttls(&snap, &format!("round {round}, after the LAPI came back"));
+        assert!(d.stop().success());
+        println!(
+            "round {round}: {} decisions added in {} ms; aimed {phase:?}, {aim}; killed {} ms after \
+             the daemon's start; hit: {hit}; the kernel held {} entries at the kill; after the \
+             restart (LAPI stopped) {held_at_restart} stored and in the kernel; the LAPI back, the \
+             full set of {} applied after {} ms, {} stored and in the kernel ({:.1} s)",
+            batch.len(),
+            took.as_millis(),
+            killed_after.as_millis(),
+            at_kill.len(),
+            served.len(),
+            converged.as_millis(),
+            snap.stored.len(),
+            round_started.elapsed().as_secs_f64()
+        );
+        held = wanted;
+    }
+    println!(
+        "kill_9_during_a_crowdsec_pull: {} rounds in {:.1} s",
         phases.len(),
         started.elapsed().as_secs_f64()
     );
