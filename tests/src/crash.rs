@@ -310,6 +310,8 @@ pub struct Snapshot {
     pub stored: HashMap<(List, Prefix), (Vec<String>, Option<i64>)>,
     /// Every kernel entry: its expiry (boot-time ns, 0 = never).
     pub kernel: HashMap<(List, Prefix), u64>,
+    /// /8–/24 prefixes the kernel lists but does not match everywhere they cover.
+    pub unlinked: Vec<Prefix>,
 }
 
 impl Snapshot {
@@ -326,15 +328,23 @@ impl Snapshot {
                 ((e.list, e.prefix), (owners, exp))
             })
             .collect();
+        let maps = Maps::open(&PinDir::new(&inst.pin_dir)).expect("the filter is loaded");
         Self {
             stored,
             kernel: kernel(inst),
+            unlinked: maps.net24_unlinked().expect("read the /8–/24 table"),
         }
     }
 
     /// Panics unless the database and the kernel agree exactly: the same entries, each with the
-    /// expiry the database gives it (to the second, as the daemon's own re-sync compares).
+    /// expiry the database gives it (to the second, as the daemon's own re-sync compares), and
+    /// every /8–/24 prefix linked from each /24 it covers.
     pub fn assert_agree(&self, what: &str) {
+        assert!(
+            self.unlinked.is_empty(),
+            "{what}: the kernel lists these prefixes but does not match them everywhere they cover: {:?}",
+            self.unlinked
+        );
         let only_stored: Vec<_> = self
             .stored
             .keys()

@@ -1163,3 +1163,64 @@ fn kill_9_during_a_crowdsec_pull_keeps_what_was_committed() {
         started.elapsed().as_secs_f64()
     );
 }
+
+/// kill -9 inside the removal of a /8–/24 prefix, which writes to several maps in turn: the
+/// prefix is unlinked from the /24 slots it covers (`NET24_V4`) before its id is dropped
+/// (`NET_IDS_V4`). A kill between the two, in an uncommitted release (say a feed refresh that drops
+/// it), leaves a prefix the database still holds and the id table still names, but that no slot
+/// leads to: the kernel lets its sources through. The next start finds it and links it in full
+/// again. (The randomized kill tests cannot aim between two writes of one entry; this test makes
+/// that state by hand, exactly as such a kill leaves it.)
+#[test]
+fn kill_9_inside_a_prefix_removal_is_repaired_by_the_next_start() {
+    use aya::maps::{Array, Map, MapData};
+    use filter_common::maps::MAP_NET24_V4;
+    let topo = Topology::new();
+    let inst = Instance::new("dkillnet");
+    let cfg = base_config("s0", "");
+    let d = Daemon::start(&topo.server, &inst, &cfg);
+    af_ok(&topo.server, &inst, &["block", "198.18.1.0/24"]);
+    let src = v4(1, 5);
+    let sink = Sink::start(&topo.server);
+    let dst = SocketAddr::new(topo.server_addr_for(0, src), sink.udp_port);
+    send_udp(&topo.client, src, dst, 20);
+    sink.settle();
+    assert_eq!(sink.udp_from(src), 0, "the /24 drops its sources");
+    d.kill();
+
+    // What the kill leaves: the /24's slot no longer leads to it (no shorter prefix covers it,
+    // so the slot holds 0); its id and rule are still there.
+    let slot = u32::from_be_bytes([0, 198, 18, 1]);
+    let path = filter_user::loader::PinDir::new(&inst.pin_dir).map(MAP_NET24_V4);
+    let map = Map::from_map_data(MapData::from_pin(&path).unwrap()).unwrap();
+    let mut slots: Array<MapData, [u32; 2]> = Array::try_from(map).unwrap();
+    let mut pair = slots.get(&(slot >> 1), 0).unwrap();
+    assert_ne!(pair[(slot & 1) as usize], 0, "the slot leads to the /24");
+    pair[(slot & 1) as usize] = 0;
+    slots.set(slot >> 1, pair, 0).unwrap();
+    send_udp(&topo.client, src, dst, 20);
+    sink.settle();
+    assert_eq!(
+        sink.udp_from(src),
+        20,
+        "the half-removed /24 lets its sources through"
+    );
+    assert_eq!(
+        Snapshot::take(&inst).unlinked,
+        ["198.18.1.0/24".parse::<Prefix>().unwrap()],
+        "the check sees it"
+    );
+
+    let d = Daemon::start(&topo.server, &inst, &cfg);
+    let snap = Snapshot::take(&inst);
+    snap.assert_agree("after the restart");
+    assert_eq!(snap.owned("cli"), prefixes(&["198.18.1.0/24"]));
+    send_udp(&topo.client, src, dst, 20);
+    sink.settle();
+    assert_eq!(
+        sink.udp_from(src),
+        20,
+        "after the restart the /24 drops its sources again (none more received)"
+    );
+    assert!(d.stop().success());
+}
