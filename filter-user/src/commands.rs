@@ -160,6 +160,13 @@ fn apply(
 /// meanwhile. Returns (entries added or corrected, entries removed).
 pub fn reconcile(maps: &Maps, tx: &mut crate::store::Tx<'_>) -> anyhow::Result<(usize, usize)> {
     apply_settings(maps, &tx.read().settings()?)?;
+    // A /8–/24 prefix left part linked by a command killed between the writes that add or remove
+    // it: take it out in full; below, it comes back in full if the database holds it. The /24s
+    // that still led to it go without it for that moment; the others went without it already.
+    let unlinked = maps.net24_unlinked()?;
+    for prefix in &unlinked {
+        maps.remove(List::Block, prefix)?;
+    }
     let desired: HashMap<(List, Prefix), Option<i64>> = tx
         .read()
         .live(unix_ms())?
@@ -183,7 +190,10 @@ pub fn reconcile(maps: &Maps, tx: &mut crate::store::Tx<'_>) -> anyhow::Result<(
             updated += 1;
         }
     }
-    let mut removed = 0;
+    let mut removed = unlinked
+        .iter()
+        .filter(|p| !desired.contains_key(&(List::Block, **p)))
+        .count();
     for &(list, prefix) in actual.keys() {
         if !desired.contains_key(&(list, prefix)) {
             maps.remove(list, &prefix)?;

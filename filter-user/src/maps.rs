@@ -848,6 +848,47 @@ impl Maps {
             .map_err(op_err("insert", what, m::MAP_NET_IDS_V4))
     }
 
+    /// The prefixes `NET_IDS_V4` names that some /24 slot they cover does not lead to. An add or a
+    /// removal writes to several maps in turn, so a process killed between two of those writes
+    /// (kill -9) leaves the prefix part linked: listed, yet not matched everywhere it covers.
+    /// Removing it finishes the unlinking; adding it again then links it in full.
+    pub fn net24_unlinked(&self) -> Result<Vec<Prefix>, MapsError> {
+        let pairs: Vec<(NetKeyV4, u32)> = {
+            let mut guard = self.map(m::MAP_NET_IDS_V4)?;
+            let ids: HashMap<_, NetKeyV4, u32> =
+                HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
+            ids.iter().collect::<Result<_, _>>().map_err(op_err(
+                "read",
+                "ids",
+                m::MAP_NET_IDS_V4,
+            ))?
+        };
+        let mut chain = Chain::new(self);
+        let mut out = Vec::new();
+        for (key, id) in pairs {
+            let p = Prefix::new_truncating(IpAddr::from(key.addr), key.prefix_len as u8);
+            let range = Self::net24_range(&p);
+            let slots = self.net24_load(range.clone())?;
+            for slot in range {
+                // A slot's chain lists the prefixes covering it, longest first: it must reach
+                // this one before any of its length or shorter.
+                let mut cur = slots.get(slot);
+                while cur != 0 && cur != id {
+                    let rule = chain.rule(cur)?;
+                    if rule.prefix_len <= key.prefix_len {
+                        break;
+                    }
+                    cur = rule.parent;
+                }
+                if cur != id {
+                    out.push(p);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn net24_entries(&self) -> Result<Vec<KernelEntry>, MapsError> {
         let pairs: Vec<(NetKeyV4, u32)> = {
             let mut guard = self.map(m::MAP_NET_IDS_V4)?;

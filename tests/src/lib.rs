@@ -6,6 +6,7 @@
 //! - `netns`: RAII network namespaces and veth pairs.
 //! - `feedserver`: a blocklist feed server (HTTP and HTTPS) on loopback that a test drives.
 //! - `crowdsec`: a real CrowdSec Local API on loopback, and the bouncer run in-process.
+//! - `crash`: seeded kill -9 points over an operation, and the database compared with the kernel.
 //! - `daemon`: a running `apifilter run`, signalled and killed on drop.
 //! - `proxy`: certificates, an upstream, the proxy in-process, and TLS clients for the proxy tests.
 //! - `generate`: seeded random rule sets and structure-aware frames.
@@ -14,6 +15,7 @@
 //!   abuse tests.
 
 pub mod abuse;
+pub mod crash;
 pub mod crowdsec;
 pub mod daemon;
 pub mod diff;
