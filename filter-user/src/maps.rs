@@ -853,16 +853,7 @@ impl Maps {
     /// (kill -9) leaves the prefix part linked: listed, yet not matched everywhere it covers.
     /// Removing it finishes the unlinking; adding it again then links it in full.
     pub fn net24_unlinked(&self) -> Result<Vec<Prefix>, MapsError> {
-        let pairs: Vec<(NetKeyV4, u32)> = {
-            let mut guard = self.map(m::MAP_NET_IDS_V4)?;
-            let ids: HashMap<_, NetKeyV4, u32> =
-                HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
-            ids.iter().collect::<Result<_, _>>().map_err(op_err(
-                "read",
-                "ids",
-                m::MAP_NET_IDS_V4,
-            ))?
-        };
+        let pairs = self.net24_ids()?;
         let mut chain = Chain::new(self);
         let mut out = Vec::new();
         for (key, id) in pairs {
@@ -889,17 +880,18 @@ impl Maps {
         Ok(out)
     }
 
+    /// Every /8–/24 prefix `NET_IDS_V4` names, with its id.
+    fn net24_ids(&self) -> Result<Vec<(NetKeyV4, u32)>, MapsError> {
+        let mut guard = self.map(m::MAP_NET_IDS_V4)?;
+        let ids: HashMap<_, NetKeyV4, u32> =
+            HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
+        ids.iter()
+            .collect::<Result<_, _>>()
+            .map_err(op_err("read", "ids", m::MAP_NET_IDS_V4))
+    }
+
     fn net24_entries(&self) -> Result<Vec<KernelEntry>, MapsError> {
-        let pairs: Vec<(NetKeyV4, u32)> = {
-            let mut guard = self.map(m::MAP_NET_IDS_V4)?;
-            let ids: HashMap<_, NetKeyV4, u32> =
-                HashMap::try_from(&mut *guard).map_err(op_err("open", "ids", m::MAP_NET_IDS_V4))?;
-            ids.iter().collect::<Result<_, _>>().map_err(op_err(
-                "read",
-                "ids",
-                m::MAP_NET_IDS_V4,
-            ))?
-        };
+        let pairs = self.net24_ids()?;
         pairs
             .into_iter()
             .map(|(k, id)| {

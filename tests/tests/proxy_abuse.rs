@@ -31,7 +31,8 @@ use integration_tests::{
     Instance,
     abuse::{
         ENHANCE_YOUR_CALM, Legit, Recorder, alive, client_config, goaway_code, h2_rapid_reset,
-        idle_priority, quantile, raise_nofile, read_response, read_until_closed, statuses, try_tls, vm_kib,
+        idle_priority, quantile, raise_nofile, read_response, read_until_closed, statuses, try_tls,
+        vm_kib,
     },
     daemon::Daemon,
     proxy::{Certs, Tls, free_port, proxy_section, tcp_from, wait_listening},
