@@ -333,6 +333,44 @@ mod tests {
     }
 
     #[test]
+    fn series_cache_counts_into_the_families() {
+        let mut registry = Registry::default();
+        let m = Metrics::new(&mut registry);
+        let cache = SeriesCache::default();
+        // More series than a connection keeps handles on: the rest go to the families directly.
+        for status in 200..(200 + SERIES_PER_CONNECTION as u16 + 4) {
+            for _ in 0..3 {
+                cache.record(&m, "l", Some("api"), status, 0.001);
+            }
+        }
+        cache.record(&m, "l", None, 404, 0.002);
+        for status in 200..(200 + SERIES_PER_CONNECTION as u16 + 4) {
+            let n = m
+                .requests
+                .get_or_create(&RequestLabels {
+                    listener: "l".into(),
+                    route: "api".into(),
+                    status,
+                })
+                .get();
+            assert_eq!(n, 3, "status {status}");
+        }
+        let unrouted = RequestLabels {
+            listener: "l".into(),
+            route: "-".into(),
+            status: 404,
+        };
+        assert_eq!(m.requests.get_or_create(&unrouted).get(), 1);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let want = format!(
+            "apifilter_proxy_request_duration_seconds_count{{listener=\"l\",route=\"api\"}} {}",
+            (SERIES_PER_CONNECTION + 4) * 3
+        );
+        assert!(text.contains(&want), "{want} in:\n{text}");
+    }
+
+    #[test]
     fn p99_of_a_window() {
         let w = LatencyWindow::default();
         for _ in 0..990 {

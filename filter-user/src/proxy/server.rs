@@ -284,9 +284,9 @@ async fn build_site(cfg: &ProxyConfig, tls: &TlsState, common: &Common) -> anyho
 }
 
 /// The header count hyper parses up to, when more than its default (100). Left at the default,
-/// hyper keeps the header index on the stack; set, it allocates and fills one per request. Our own check
-/// ([`limits::check_request`]) counts against `max_headers` with its own counter; a request past
-/// hyper's bound is refused by hyper (431, counted as `header_bytes`).
+/// hyper keeps the header index on the stack; set, it allocates and fills one per request. Our
+/// own check ([`limits::check_request`]) counts against `max_headers` with its own counter; a
+/// request past hyper's bound is refused by hyper (431, counted as `header_bytes`).
 fn hyper_max_headers(max_headers: usize) -> Option<usize> {
     const HYPER_DEFAULT: usize = 100;
     (max_headers > HYPER_DEFAULT).then_some(max_headers + 1)
@@ -1002,4 +1002,38 @@ async fn early(resp: Response<RespBody>, head: &Request<()>, body: Incoming) -> 
 
 fn observe(m: &Metrics, step: Step, since: Instant) {
     m.check(step, since.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hyper_parses_past_our_header_limit() {
+        // Within hyper's default: left alone (the index stays on the stack).
+        assert_eq!(hyper_max_headers(20), None);
+        assert_eq!(hyper_max_headers(100), None);
+        // Past it: one more than ours, so our own check answers (and counts) first.
+        assert_eq!(hyper_max_headers(101), Some(102));
+        assert_eq!(hyper_max_headers(500), Some(501));
+    }
+
+    #[test]
+    fn workers_take_connections_in_turn_on_threads_of_their_own() {
+        let w = Workers::start(3).unwrap();
+        let picked: Vec<usize> = (0..7).map(|_| w.pick().0).collect();
+        assert_eq!(picked, [0, 1, 2, 0, 1, 2, 0]);
+        // Each runtime runs its tasks on its own named thread.
+        let names: Vec<String> = (0..3)
+            .map(|_| {
+                let (_, rt) = w.pick();
+                let (tx, rx) = std::sync::mpsc::channel();
+                rt.spawn(async move {
+                    let _ = tx.send(std::thread::current().name().unwrap_or("").to_owned());
+                });
+                rx.recv_timeout(Duration::from_secs(5)).unwrap()
+            })
+            .collect();
+        assert_eq!(names, ["proxy-1", "proxy-2", "proxy-0"]);
+    }
 }
