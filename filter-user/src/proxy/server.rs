@@ -66,12 +66,11 @@ pub(crate) struct Common {
 }
 
 /// The threads connections are served on: one single-threaded runtime per CPU the process may
-/// run on. A connection lives on one worker from accept to close, with the upstream connections
-/// it uses, so a request never crosses threads and no work-stealing scheduler sits in its path.
-/// Listeners accept on the daemon's runtime and hand connections out in turn.
+/// run on. Each worker accepts on every listener; a connection lives on the worker that accepted
+/// it until it closes, with the upstream connections it uses, so a request never crosses threads
+/// and no work-stealing scheduler sits in its path.
 struct Workers {
     handles: Vec<tokio::runtime::Handle>,
-    next: AtomicUsize,
     /// Ends the workers' threads (after the connections drained).
     stop: CancellationToken,
 }
@@ -90,22 +89,12 @@ impl Workers {
                 .name(format!("proxy-{i}"))
                 .spawn(move || rt.block_on(stop.cancelled()))?;
         }
-        Ok(Self {
-            handles,
-            next: AtomicUsize::new(0),
-            stop,
-        })
+        Ok(Self { handles, stop })
     }
 
     /// The number of workers for this process: the CPUs it may run on.
     fn count() -> usize {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-    }
-
-    /// The next worker, in turn: its index and its runtime.
-    fn pick(&self) -> (usize, &tokio::runtime::Handle) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
-        (i, &self.handles[i])
     }
 }
 
@@ -292,7 +281,7 @@ fn hyper_max_headers(max_headers: usize) -> Option<usize> {
     (max_headers > HYPER_DEFAULT).then_some(max_headers + 1)
 }
 
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let sock = socket2::Socket::new(
         socket2::Domain::for_address(addr),
         socket2::Type::STREAM,
@@ -305,7 +294,7 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     sock.set_nonblocking(true)?;
     sock.bind(&addr.into())?;
     sock.listen(4096)?;
-    TcpListener::from_std(sock.into())
+    Ok(sock.into())
 }
 
 async fn start_listener(
@@ -317,13 +306,26 @@ async fn start_listener(
     let site = Arc::new(ArcSwap::from_pointee(build_site(cfg, &tls, common).await?));
     let listener = bind(cfg.listen).map_err(|e| anyhow::anyhow!("listen {}: {e}", cfg.listen))?;
     let stop = common.shutdown.child_token();
+    // Every worker accepts on the socket itself: a connection starts and ends on the worker
+    // that took it, with no handoff between threads.
+    let conns = Arc::new(ConnTracker::default());
+    for (worker, rt) in common.workers.handles.iter().enumerate() {
+        let listener = listener
+            .try_clone()
+            .map_err(|e| anyhow::anyhow!("listen {}: {e}", cfg.listen))?;
+        tasks.spawn_on(
+            accept_loop(
+                listener,
+                worker,
+                conns.clone(),
+                site.clone(),
+                common.clone(),
+                stop.clone(),
+            ),
+            rt,
+        );
+    }
     tracing::info!(listen = %cfg.listen, upstream = %cfg.upstream, "proxy listening");
-    tasks.spawn(accept_loop(
-        listener,
-        site.clone(),
-        common.clone(),
-        stop.clone(),
-    ));
     tasks.spawn(watch_certs(site.clone(), tls.clone(), stop.clone()));
     Ok(Listener {
         cfg: cfg.clone(),
@@ -367,13 +369,23 @@ async fn publish_p99(metrics: Arc<Metrics>, shared: Arc<Shared>, shutdown: Cance
     }
 }
 
+/// One worker's accept loop on the listener (each worker runs one): caps, then the connection,
+/// on this worker.
 async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
+    worker: usize,
+    conns: Arc<ConnTracker>,
     site: Arc<ArcSwap<Site>>,
     common: Arc<Common>,
     stop: CancellationToken,
 ) {
-    let conns = Arc::new(ConnTracker::default());
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(err) => {
+            tracing::error!(%err, worker, fault = "internal", "proxy worker cannot accept");
+            return;
+        }
+    };
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -407,28 +419,15 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
-        // Moved to the worker's reactor there.
-        let tcp = match tcp.into_std() {
-            Ok(t) => t,
-            Err(err) => {
-                tracing::warn!(%err, fault = "internal", "accepted connection lost");
-                continue;
-            }
-        };
-        let (worker, rt) = common.workers.pick();
-        let peer = SocketAddr::new(ip, peer.port());
-        let (common, stop) = (common.clone(), stop.clone());
-        connections.spawn_on(
-            async move {
-                match TcpStream::from_std(tcp) {
-                    Ok(tcp) => connection(tcp, peer, worker, site, slot, common, stop).await,
-                    Err(err) => {
-                        tracing::warn!(%err, fault = "internal", "accepted connection lost");
-                    }
-                }
-            },
-            rt,
-        );
+        connections.spawn(connection(
+            tcp,
+            SocketAddr::new(ip, peer.port()),
+            worker,
+            site,
+            slot,
+            common.clone(),
+            stop.clone(),
+        ));
     }
     drop(listener);
     // Connections finish on their own (graceful shutdown was signalled through `stop`).
@@ -1019,14 +1018,12 @@ mod tests {
     }
 
     #[test]
-    fn workers_take_connections_in_turn_on_threads_of_their_own() {
+    fn each_worker_runs_its_tasks_on_a_thread_of_its_own() {
         let w = Workers::start(3).unwrap();
-        let picked: Vec<usize> = (0..7).map(|_| w.pick().0).collect();
-        assert_eq!(picked, [0, 1, 2, 0, 1, 2, 0]);
-        // Each runtime runs its tasks on its own named thread.
-        let names: Vec<String> = (0..3)
-            .map(|_| {
-                let (_, rt) = w.pick();
+        let names: Vec<String> = w
+            .handles
+            .iter()
+            .map(|rt| {
                 let (tx, rx) = std::sync::mpsc::channel();
                 rt.spawn(async move {
                     let _ = tx.send(std::thread::current().name().unwrap_or("").to_owned());
@@ -1034,6 +1031,6 @@ mod tests {
                 rx.recv_timeout(Duration::from_secs(5)).unwrap()
             })
             .collect();
-        assert_eq!(names, ["proxy-1", "proxy-2", "proxy-0"]);
+        assert_eq!(names, ["proxy-0", "proxy-1", "proxy-2"]);
     }
 }
