@@ -558,15 +558,11 @@ impl Maps {
         if current != 0 {
             return Ok(current);
         }
-        let used: Vec<u32> = slots
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|s| *s != 0)
-            .collect();
+        drop(guard);
+        let used: Vec<u32> = self.slots()?.into_iter().map(|(_, s)| s).collect();
         let Some(slot) = (1..m::IFACE_SLOTS).find(|s| !used.contains(s)) else {
             return Ok(0); // every slot taken: this interface shares slot 0
         };
-        drop(guard);
         self.zero_slot(slot)?;
         let mut guard = self.map(m::MAP_IFSLOT)?;
         let mut slots: Array<_, u32> =
@@ -590,8 +586,23 @@ impl Maps {
             .map_err(op_err("write", ifindex.to_string(), m::MAP_IFSLOT))
     }
 
-    /// (ifindex, slot) for every interface with a slot.
+    /// (ifindex, slot) for every interface with a slot. The table has an entry per possible
+    /// ifindex: read in one batch call (the daemon samples it every second), else one lookup per
+    /// entry on a kernel without batch lookups of arrays.
     pub fn slots(&self) -> Result<Vec<(u32, u32)>, MapsError> {
+        use std::os::fd::{AsFd as _, AsRawFd as _};
+        let fd = match &*self.map(m::MAP_IFSLOT)? {
+            Map::Array(data) => Some(data.fd().as_fd().as_raw_fd()),
+            _ => None,
+        };
+        if let Some(Ok(values)) = fd.map(|fd| array_lookup_batch::<u32>(fd, m::IFINDEX_MAX)) {
+            return Ok(values
+                .into_iter()
+                .enumerate()
+                .filter(|(_, s)| *s != 0)
+                .map(|(i, s)| (i as u32, s))
+                .collect());
+        }
         let mut guard = self.map(m::MAP_IFSLOT)?;
         let slots: Array<_, u32> =
             Array::try_from(&mut *guard).map_err(op_err("open", "slots", m::MAP_IFSLOT))?;
@@ -1203,6 +1214,7 @@ impl Writer<'_> {
     }
 }
 
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
@@ -1218,6 +1230,65 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// Every value of an array map of `len` entries (u32 keys), in batch calls of up to 4096.
+fn array_lookup_batch<V: aya::Pod + Default>(
+    fd: std::os::fd::RawFd,
+    len: u32,
+) -> std::io::Result<Vec<V>> {
+    const CHUNK: u32 = 4096;
+    let mut out: Vec<V> = Vec::with_capacity(len as usize);
+    let mut keys = vec![0u32; CHUNK as usize];
+    let mut values: Vec<V> = (0..CHUNK).map(|_| V::default()).collect();
+    let mut cursor = 0u32;
+    let mut first = true;
+    while (out.len() as u32) < len {
+        let mut attr = BatchAttr {
+            in_batch: if first {
+                0
+            } else {
+                &cursor as *const u32 as u64
+            },
+            out_batch: &mut cursor as *mut u32 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: CHUNK,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        first = false;
+        // SAFETY: `keys` and `values` hold CHUNK entries of the map's key and value sizes (u32
+        // and V, checked by the kernel against the map); the cursors are u32, an array's key.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_LOOKUP_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>() as u32,
+            )
+        };
+        let n = (attr.count as usize).min(CHUNK as usize);
+        let err = (rc < 0).then(std::io::Error::last_os_error);
+        match err {
+            // ENOENT: the last batch (possibly partial).
+            Some(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
+            _ => {}
+        }
+        for (k, v) in keys[..n].iter().zip(&values[..n]) {
+            if *k as usize != out.len() {
+                return Err(std::io::Error::other("array batch out of order"));
+            }
+            out.push(*v);
+        }
+        if rc < 0 || n == 0 {
+            break;
+        }
+    }
+    if out.len() as u32 != len {
+        return Err(std::io::Error::other("array batch came back short"));
+    }
+    Ok(out)
 }
 
 /// One batch command over `count` keys (and values, for an update). Returns how many entries

@@ -67,6 +67,35 @@ fn fixture(name: &str) -> anyhow::Result<Fx> {
     })
 }
 
+/// The interface slot table is read in one batch: the same slots as assigned, wherever the
+/// ifindex falls (first and last batch of the table, a batch edge).
+#[test]
+fn interface_slots_read_back_across_batches() -> anyhow::Result<()> {
+    let fx = fixture("slots")?;
+    assert!(fx.maps.slots()?.is_empty(), "a fresh table has no slots");
+    let ifindexes = [
+        1u32,
+        77,
+        4095,
+        4096,
+        9000,
+        filter_common::maps::IFINDEX_MAX - 1,
+    ];
+    let mut want = Vec::new();
+    for i in ifindexes {
+        let slot = fx.maps.assign_slot(i)?;
+        assert_ne!(slot, 0, "ifindex {i} got a slot of its own");
+        want.push((i, slot));
+    }
+    assert_eq!(fx.maps.slots()?, want);
+    let slots: std::collections::HashSet<u32> = want.iter().map(|(_, s)| *s).collect();
+    assert_eq!(slots.len(), want.len(), "slots are distinct: {want:?}");
+    fx.maps.release_slot(4096)?;
+    want.retain(|(i, _)| *i != 4096);
+    assert_eq!(fx.maps.slots()?, want);
+    Ok(())
+}
+
 fn hex(frame: &[u8]) -> String {
     frame
         .iter()
