@@ -603,6 +603,21 @@ impl FramingScanner {
         while !data.is_empty() && !self.done {
             match self.state {
                 Scan::Head => {
+                    // The common case: a whole head in one read, nothing held from the last.
+                    if self.head.is_empty()
+                        && let Some(i) = memchr::memmem::find(data, b"\r\n\r\n")
+                    {
+                        let head = &data[..i + 4];
+                        if self.heads == 0 && head.starts_with(H2_PREFACE)
+                            || head.len() > self.max_head
+                        {
+                            self.done = true;
+                            return;
+                        }
+                        self.end_head(head);
+                        data = &data[i + 4..];
+                        continue;
+                    }
                     let before = self.head.len();
                     let take = match find_end(&self.head, data) {
                         Some(n) => n,
@@ -619,7 +634,10 @@ impl FramingScanner {
                         return;
                     }
                     if self.head.ends_with(b"\r\n\r\n") && self.head.len() > before {
-                        self.finish_head();
+                        let head = std::mem::take(&mut self.head);
+                        self.end_head(&head);
+                        self.head = head;
+                        self.head.clear();
                     } else if self.head == b"\r\n" {
                         // Stray line ending between requests.
                         self.head.clear();
@@ -694,22 +712,23 @@ impl FramingScanner {
         }
     }
 
-    fn finish_head(&mut self) {
+    /// A complete head (through its blank line): note its framing and what follows it.
+    fn end_head(&mut self, head: &[u8]) {
         let index = self.heads;
         self.heads += 1;
         let (mut cl, mut te, mut chunked) = (None::<u64>, false, false);
-        for line in self.head.split(|&b| b == b'\n').skip(1) {
-            let Some(colon) = line.iter().position(|&b| b == b':') else {
+        for line in head.split(|&b| b == b'\n').skip(1) {
+            let Some(colon) = memchr::memchr(b':', line) else {
                 continue;
             };
             let name = &line[..colon];
-            let value = String::from_utf8_lossy(&line[colon + 1..]);
-            let value = value.trim();
+            let value = || String::from_utf8_lossy(&line[colon + 1..]);
             if name.eq_ignore_ascii_case(b"content-length") {
-                cl = Some(value.parse().unwrap_or(0));
+                cl = Some(value().trim().parse().unwrap_or(0));
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
                 te = true;
-                chunked = value
+                chunked = value()
+                    .trim()
                     .rsplit(',')
                     .next()
                     .is_some_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
@@ -718,7 +737,6 @@ impl FramingScanner {
         if te && cl.is_some() && self.conflict.is_none() {
             self.conflict = Some(index);
         }
-        self.head.clear();
         self.state = match (te, chunked, cl) {
             (true, true, _) => Scan::ChunkSize,
             // hyper refuses a non-chunked transfer coding; nothing more to follow.
