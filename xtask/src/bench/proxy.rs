@@ -134,12 +134,13 @@ fn load_cmd(ns: &Netns, cpu: Option<&str>, program: &str) -> Command {
     c
 }
 
-/// What `wrk` measured: requests/s, p50 and p99 latency (ms).
+/// What `wrk` measured: requests/s, p50 and p99 latency (ms), requests done.
 #[derive(Debug, Clone, Copy)]
 struct Wrk {
     rps: f64,
     p50: f64,
     p99: f64,
+    requests: f64,
 }
 
 /// `wrk` keep-alive, with the API key.
@@ -171,7 +172,18 @@ fn wrk(ns: &Netns, cpu: Option<&str>, url: &str, secs: u32) -> Result<Wrk> {
         .find_map(|l| l.trim().strip_prefix("50%"))
         .and_then(|v| parse_wrk_time(v.trim()))
         .with_context(|| format!("no 50% latency in wrk's output:\n{out}"))?;
-    Ok(Wrk { rps, p50, p99 })
+    // "  412345 requests in 5.00s, 61.2MB read"
+    let requests = out
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .with_context(|| format!("no request count in wrk's output:\n{out}"))?;
+    Ok(Wrk {
+        rps,
+        p50,
+        p99,
+        requests,
+    })
 }
 
 /// `1.23ms`, `456.00us`, `1.2s` → ms.
@@ -231,6 +243,12 @@ fn h2load(ns: &Netns, cpu: Option<&str>, args: &[&str], url: &str) -> Result<(f6
 #[derive(Debug, Clone, Copy)]
 struct Figures {
     keepalive: Wrk,
+    /// The proxy's CPU time per keep-alive request (µs).
+    keepalive_cpu_us: f64,
+    /// The proxy's CPU time per resumed connection: handshake, one request, close (µs).
+    resumed_cpu_us: f64,
+    /// The share of one CPU the proxy used during the resumed-handshake run.
+    resumed_busy: f64,
     h2: f64,
     full_hs: f64,
     resumed_hs: f64,
@@ -245,10 +263,13 @@ struct Plan {
     cpu: Option<&'static str>,
 }
 
-/// Loads the proxy at `port`.
-fn measure(ns: &Netns, plan: &Plan, port: u16) -> Result<Figures> {
+/// Loads the proxy at `port`, served by process `server` (its CPU time is read around the
+/// keep-alive and resumed-handshake runs).
+fn measure(ns: &Netns, plan: &Plan, port: u16, server: i32) -> Result<Figures> {
     let url = format!("https://127.0.0.1:{port}/");
+    let cpu0 = sys::tree_cpu_ns(server)?;
     let keepalive = wrk(ns, plan.cpu, &url, plan.secs)?;
+    let keepalive_cpu_us = (sys::tree_cpu_ns(server)? - cpu0) as f64 / 1e3 / keepalive.requests;
     let n = plan.h2_requests.to_string();
     let (h2, _) = h2load(ns, plan.cpu, &["-n", &n, "-c", "50", "-m", "10"], &url)?;
     // Full handshakes: batches of 50 fresh clients, one connection and one request each (h2load's
@@ -262,17 +283,22 @@ fn measure(ns: &Netns, plan: &Plan, port: u16) -> Result<Figures> {
     // Resumed: 50 clients, each reconnecting after every request (`Connection: close`) and
     // resuming its session with the ticket it got.
     let r = plan.resumed.to_string();
-    let (resumed_hs, _) = h2load(
+    let cpu0 = sys::tree_cpu_ns(server)?;
+    let (resumed_hs, resumed_secs) = h2load(
         ns,
         plan.cpu,
         &["-n", &r, "-c", "50", "--h1", "-H", "Connection: close"],
         &url,
     )?;
+    let resumed_cpu_us = (sys::tree_cpu_ns(server)? - cpu0) as f64 / 1e3 / f64::from(plan.resumed);
     Ok(Figures {
         keepalive,
+        keepalive_cpu_us,
         h2,
         full_hs,
         resumed_hs,
+        resumed_cpu_us,
+        resumed_busy: resumed_cpu_us * f64::from(plan.resumed) / 1e6 / resumed_secs,
     })
 }
 
@@ -337,7 +363,7 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
         fs::copy(dir.join("key.pem"), tls_dir.join("key.pem"))?;
         let _tls = start_nginx(&ns, &tls_dir, &nginx_conf(&tls_dir, true), proxy_cpu)?;
         wait_listening(&ns, NGINX_TLS_PORT)?;
-        measure(&ns, &plan, NGINX_TLS_PORT)?
+        measure(&ns, &plan, NGINX_TLS_PORT, _tls.0.id() as i32)?
     };
     println!("bench: proxy: nginx {nginx:?}");
 
@@ -380,9 +406,9 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let daemon = Daemon::start(&inst, Some(&ns), proxy_cpu, &dir.join("apifilter"), &config)?;
     wait_listening(&ns, INSPECT_PORT)?;
     wait_listening(&ns, PLAIN_PORT)?;
-    let on = measure(&ns, &plan, INSPECT_PORT)?;
+    let on = measure(&ns, &plan, INSPECT_PORT, daemon.pid())?;
     println!("bench: proxy: apifilter, inspection on {on:?}");
-    let off = measure(&ns, &plan, PLAIN_PORT)?;
+    let off = measure(&ns, &plan, PLAIN_PORT, daemon.pid())?;
     println!("bench: proxy: apifilter, inspection off {off:?}");
     let bans = ban_latency(&ns, &att, &attackers);
     drop(daemon);
@@ -430,6 +456,20 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
             ));
         }
         rows.push(r);
+        rows.push(
+            Row::new(
+                "proxy",
+                format!("proxy CPU per request, HTTP/1.1 keep-alive (wrk), apifilter {label}"),
+                "µs",
+            )
+            .value(f.keepalive_cpu_us)
+            .peer("nginx", nginx.keepalive_cpu_us)
+            .note(
+                "the proxy process's CPU time during the wrk run (every thread's, user and \
+                 kernel, from /proc/PID/task/*/schedstat; nginx's master and worker) over the \
+                 requests wrk completed",
+            ),
+        );
         rows.push(
             Row::new(
                 "proxy",
@@ -501,12 +541,44 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
                      nginx with $ssl_session_reused)",
                     plan.resumed
                 ))
-                .gap(
-                    "a resumed TLS 1.3 handshake still does an ECDHE exchange; the rest is \
-                     per-connection setup in rustls, hyper and tokio",
-                );
+                .gap(if f.resumed_busy < 0.9 {
+                    format!(
+                        "the proxy is not what bounds this rate: its core was {:.0}% busy \
+                         (nginx's {:.0}%), and CPU 0 (h2load's own handshakes and the upstream) \
+                         was the bottleneck; the CPU-per-connection row below compares the \
+                         proxies",
+                        f.resumed_busy * 100.0,
+                        nginx.resumed_busy * 100.0
+                    )
+                } else {
+                    format!(
+                        "the proxy's core was {:.0}% busy: a resumed TLS 1.3 handshake still \
+                         does an ECDHE exchange; the rest is per-connection setup in rustls, \
+                         hyper and tokio",
+                        f.resumed_busy * 100.0
+                    )
+                });
         }
         rows.push(r);
+        rows.push(
+            Row::new(
+                "proxy",
+                format!(
+                    "proxy CPU per resumed connection (handshake, one request, close), apifilter \
+                     {label}"
+                ),
+                "µs",
+            )
+            .value(f.resumed_cpu_us)
+            .peer("nginx", nginx.resumed_cpu_us)
+            .note(format!(
+                "the proxy process's CPU time during the resumed-handshake run over its {} \
+                 connections; apifilter's core was {:.0}% busy, nginx's {:.0}%",
+                plan.resumed,
+                f.resumed_busy * 100.0,
+                nginx.resumed_busy * 100.0
+            )),
+        );
     }
     match bans {
         Ok(mut v) => {

@@ -543,6 +543,30 @@ pub fn task_cpu_ns(pid: i32) -> Result<u64> {
         .with_context(|| format!("{path}: {text:?}"))
 }
 
+/// CPU time of a process and its descendants: every thread's time on a CPU, from
+/// `/proc/PID/task/TID/schedstat` (ns). Threads that exited are not counted.
+pub fn tree_cpu_ns(pid: i32) -> Result<u64> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut total = 0;
+    for task in fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        let dir = task?.path();
+        let text = fs::read_to_string(dir.join("schedstat")).unwrap_or_default();
+        total += text
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        for child in fs::read_to_string(dir.join("children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|c| c.parse::<i32>().ok())
+        {
+            total += tree_cpu_ns(child).unwrap_or(0);
+        }
+    }
+    Ok(total)
+}
+
 /// The pid of the kernel thread named `comm` (exact match), if one runs.
 pub fn find_kthread(prefix: &str) -> Option<i32> {
     let entries = fs::read_dir("/proc").ok()?;
