@@ -8,7 +8,7 @@
 //! Run: `cargo test -p integration-tests --release --test proxy -- --test-threads=1`.
 
 use std::{
-    io::Write as _,
+    io::{Read as _, Write as _},
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::{Duration, Instant},
@@ -488,6 +488,70 @@ fn h2_rapid_reset_flood_is_stopped() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A client that opens more streams than `h2_max_concurrent_streams` gets the extra ones
+/// refused (`RST_STREAM` with `REFUSED_STREAM`), and each refusal is counted under its own limit.
+#[test]
+fn h2_streams_past_the_concurrent_limit_are_refused_and_counted() {
+    let s = setup("", "[proxy.limits]\nh2_max_concurrent_streams = 2\n");
+    let mut t = tls_connect(shared_certs(), s.port, &[b"h2"]);
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
+    // HPACK: :method POST, :scheme https, :path /, :authority a.test (literal).
+    let block: &[u8] = &[
+        0x83, 0x87, 0x84, 0x01, 6, b'a', b'.', b't', b'e', b's', b't',
+    ];
+    // Ten requests whose bodies never come: each stream stays open.
+    for i in 0..10u32 {
+        let len = (block.len() as u32).to_be_bytes();
+        out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x4]); // HEADERS, END_HEADERS
+        out.extend_from_slice(&(2 * i + 1).to_be_bytes());
+        out.extend_from_slice(block);
+    }
+    t.write_all(&out).expect("send");
+    t.flush().expect("flush");
+    // The server's frames: collect for a while, then count RST_STREAM(REFUSED_STREAM).
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        t.sock
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .expect("timeout");
+        match t.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let mut refused = Vec::new();
+    let mut rest = &got[..];
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        let Some(payload) = rest.get(9..9 + len) else {
+            break;
+        };
+        let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+        if rest[3] == 0x3 && payload == 7u32.to_be_bytes() {
+            refused.push(id);
+        }
+        rest = &rest[9 + len..];
+    }
+    assert_eq!(
+        refused,
+        vec![5, 7, 9, 11, 13, 15, 17, 19],
+        "streams past the first two refused"
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while s.proxy.rejections("limit", "h2_concurrent_streams") < 8.0 {
+        assert!(
+            Instant::now() < deadline,
+            "refused streams not counted:\n{}",
+            s.proxy.metrics_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(s.proxy.rejections("limit", "h2_concurrent_streams"), 8.0);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -197,8 +197,10 @@ pub enum Limit {
     Connections,
     /// Client IP at its connection cap.
     ConnectionsPerIp,
-    /// HTTP/2 stream or reset flood.
+    /// HTTP/2 reset flood (or too many streams reset by errors).
     H2Streams,
+    /// HTTP/2 stream past the concurrent-stream limit, refused (`REFUSED_STREAM`).
+    H2ConcurrentStreams,
     /// A malformed request hyper refused.
     Malformed,
 }
@@ -219,6 +221,7 @@ impl Limit {
             Limit::Connections => "connections",
             Limit::ConnectionsPerIp => "connections_per_ip",
             Limit::H2Streams => "h2_streams",
+            Limit::H2ConcurrentStreams => "h2_concurrent_streams",
             Limit::Malformed => "malformed",
         }
     }
@@ -239,7 +242,7 @@ impl Limit {
     }
 
     /// Every limit, for pre-creating counters.
-    pub const ALL: [Limit; 13] = [
+    pub const ALL: [Limit; 14] = [
         Limit::HeaderBytes,
         Limit::HeaderCount,
         Limit::UriLength,
@@ -252,6 +255,7 @@ impl Limit {
         Limit::Connections,
         Limit::ConnectionsPerIp,
         Limit::H2Streams,
+        Limit::H2ConcurrentStreams,
         Limit::Malformed,
     ];
 }
@@ -750,6 +754,65 @@ impl FramingScanner {
     }
 }
 
+/// Follows the frames an HTTP/2 server writes and counts the streams it refused with
+/// `RST_STREAM(REFUSED_STREAM)`: the h2 crate refuses a stream past `max_concurrent_streams`
+/// itself, without telling hyper. Fed every byte written, in order, split anywhere; it only
+/// reads frame headers and the 4-byte payload of `RST_STREAM`, skipping the rest.
+#[derive(Debug, Default)]
+pub struct H2Writes {
+    head: [u8; 9],
+    have: usize,
+    /// Payload bytes of the current frame still to come (after its header).
+    left: u32,
+    /// The current frame is a `RST_STREAM`: its error code, as read so far.
+    rst: Option<([u8; 4], usize)>,
+    /// Streams refused so far.
+    pub refused: u64,
+}
+
+impl H2Writes {
+    const RST_STREAM: u8 = 0x3;
+    const REFUSED_STREAM: u32 = 0x7;
+
+    /// Feed bytes as they are written.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.left == 0 && self.rst.is_none() {
+                let k = (9 - self.have).min(data.len());
+                self.head[self.have..self.have + k].copy_from_slice(&data[..k]);
+                self.have += k;
+                data = &data[k..];
+                if self.have < 9 {
+                    return;
+                }
+                self.have = 0;
+                let len = u32::from_be_bytes([0, self.head[0], self.head[1], self.head[2]]);
+                self.left = len;
+                if self.head[3] == Self::RST_STREAM && len == 4 {
+                    self.rst = Some(([0; 4], 0));
+                }
+                continue;
+            }
+            let k = (self.left as usize).min(data.len());
+            if let Some((code, got)) = &mut self.rst {
+                let n = k.min(4 - *got);
+                code[*got..*got + n].copy_from_slice(&data[..n]);
+                *got += n;
+            }
+            self.left -= k as u32;
+            data = &data[k..];
+            if self.left == 0 {
+                if let Some((code, 4)) = self.rst
+                    && u32::from_be_bytes(code) == Self::REFUSED_STREAM
+                {
+                    self.refused += 1;
+                }
+                self.rst = None;
+            }
+        }
+    }
+}
+
 /// How many bytes of `data` complete a head that `head` started (through `\r\n\r\n`).
 fn find_end(head: &[u8], data: &[u8]) -> Option<usize> {
     // The terminator may straddle the two.
@@ -769,7 +832,37 @@ fn find_end(head: &[u8], data: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod scanner_tests {
-    use super::FramingScanner;
+    use super::{FramingScanner, H2Writes};
+
+    #[test]
+    fn counts_refused_streams_in_written_frames_split_anywhere() {
+        let frame = |typ: u8, id: u32, payload: &[u8]| {
+            let len = (payload.len() as u32).to_be_bytes();
+            let mut f = vec![len[1], len[2], len[3], typ, 0];
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(payload);
+            f
+        };
+        let refused = frame(0x3, 7, &7u32.to_be_bytes());
+        let cancel = frame(0x3, 9, &8u32.to_be_bytes());
+        // A DATA frame whose payload looks like a RST_STREAM(REFUSED_STREAM) frame.
+        let decoy = frame(0x0, 1, &refused);
+        let settings = frame(0x4, 0, &[0, 3, 0, 0, 0, 100]);
+        let all = [settings, decoy, refused.clone(), cancel, refused].concat();
+        let count = |chunks: &[&[u8]]| {
+            let mut w = H2Writes::default();
+            for c in chunks {
+                w.feed(c);
+            }
+            w.refused
+        };
+        assert_eq!(count(&[&all]), 2);
+        for cut in 1..all.len() {
+            assert_eq!(count(&[&all[..cut], &all[cut..]]), 2, "cut at {cut}");
+        }
+        let bytes: Vec<&[u8]> = all.chunks(1).collect();
+        assert_eq!(count(&bytes), 2, "one byte at a time");
+    }
 
     fn scan(chunks: &[&[u8]]) -> Option<u64> {
         let mut s = FramingScanner::new(64 * 1024);

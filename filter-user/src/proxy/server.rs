@@ -42,7 +42,7 @@ use super::{
     accesslog::{self, AccessLog},
     forward::{self, ReqBody, RespBody, ResponsePolicy, Upstream},
     limits::{self, ConnSlot, ConnTracker, Limit, LimitedBody},
-    metrics::{Metrics, ResultLabels, SeriesCache, Step},
+    metrics::{CheckLabels, Metrics, ResultLabels, SeriesCache, Step},
     pipeline::{self, Checks},
     tls::TlsState,
     violations::{self, BanSender, Kind, Tracker},
@@ -471,6 +471,8 @@ struct Activity {
     /// Index of the first HTTP/1.1 request whose head had both `Content-Length` and
     /// `Transfer-Encoding` (`u64::MAX`: none).
     framing_conflict: AtomicU64,
+    /// HTTP/2 streams refused past the concurrent-stream limit.
+    refused_streams: AtomicU64,
 }
 
 impl Activity {
@@ -485,6 +487,31 @@ struct Watched<T> {
     inner: T,
     activity: Arc<Activity>,
     scanner: Option<limits::FramingScanner>,
+    /// On HTTP/2 connections: the frames written, for the streams refused.
+    h2_writes: Option<limits::H2Writes>,
+}
+
+impl<T> Watched<T> {
+    /// Note `n` bytes written from `bufs`.
+    fn wrote(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        let Some(w) = &mut self.h2_writes else {
+            return;
+        };
+        let before = w.refused;
+        for b in bufs {
+            if n == 0 {
+                break;
+            }
+            let k = n.min(b.len());
+            w.feed(&b[..k]);
+            n -= k;
+        }
+        if w.refused != before {
+            self.activity
+                .refused_streams
+                .fetch_add(w.refused - before, Ordering::Relaxed);
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
@@ -516,7 +543,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.wrote(&[io::IoSlice::new(buf)], n);
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -529,7 +560,11 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.wrote(bufs, n);
+        }
+        r
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -582,6 +617,7 @@ async fn connection(
     let activity = Arc::new(Activity {
         reads: AtomicU64::new(0),
         framing_conflict: AtomicU64::new(u64::MAX),
+        refused_streams: AtomicU64::new(0),
     });
     let conn = Arc::new(Conn {
         peer,
@@ -598,6 +634,7 @@ async fn connection(
         inner: tls,
         activity: activity.clone(),
         scanner: (!h2).then(|| limits::FramingScanner::new(limits.h1_buf_size())),
+        h2_writes: h2.then(limits::H2Writes::default),
     });
     let watched = conn.clone();
     let svc = service_fn(move |req| handle(req, conn.clone()));
@@ -612,9 +649,26 @@ async fn connection(
     // The read count at the last tick, and since when it has not moved.
     let mut seen_reads = 0;
     let mut quiet_since = Instant::now();
+    // Refused streams counted so far.
+    let mut refused = 0;
+    let mut count_refused = || {
+        let now = activity.refused_streams.load(Ordering::Relaxed);
+        if now > refused {
+            let limit = Limit::H2ConcurrentStreams;
+            m.rejections
+                .get_or_create(&CheckLabels {
+                    check: "limit",
+                    reason: limit.as_str(),
+                })
+                .inc_by(now - refused);
+            refused = now;
+            violation(&common, &site, peer.ip(), Kind::Limit, Instant::now());
+        }
+    };
     loop {
         tokio::select! {
             res = served.as_mut() => {
+                count_refused();
                 if let Err(err) = res {
                     connection_error(&common, &site, peer.ip(), err.as_ref());
                 }
@@ -625,6 +679,7 @@ async fn connection(
                 served.as_mut().graceful_shutdown();
             }
             _ = watchdog.tick() => {
+                count_refused();
                 if let Some(deadline) = close_by {
                     if Instant::now() >= deadline {
                         break;
