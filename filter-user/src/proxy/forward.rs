@@ -190,22 +190,23 @@ impl Upstream {
         &self,
         mut req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
-        *req.uri_mut() = Uri::builder()
-            .scheme("http")
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| ForwardError {
-                fault: Fault::Internal,
-                status: StatusCode::BAD_GATEWAY,
-                limit: None,
-                detail: e.to_string(),
-            })?;
+        // The client's path and query as they are (a shared handle, not a copy), on the
+        // upstream's scheme and authority.
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(self.authority.clone());
+        uri.path_and_query = Some(
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        *req.uri_mut() = Uri::from_parts(uri).map_err(|e| ForwardError {
+            fault: Fault::Internal,
+            status: StatusCode::BAD_GATEWAY,
+            limit: None,
+            detail: e.to_string(),
+        })?;
         *req.version_mut() = if self.h2c {
             Version::HTTP_2
         } else {
