@@ -1260,28 +1260,21 @@ fn array_lookup_batch<V: aya::Pod + Default>(
         first = false;
         // SAFETY: `keys` and `values` hold CHUNK entries of the map's key and value sizes (u32
         // and V, checked by the kernel against the map); the cursors are u32, an array's key.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_LOOKUP_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>() as u32,
-            )
-        };
+        let res = unsafe { bpf_batch(BPF_MAP_LOOKUP_BATCH, &mut attr) };
         let n = (attr.count as usize).min(CHUNK as usize);
-        let err = (rc < 0).then(std::io::Error::last_os_error);
-        match err {
-            // ENOENT: the last batch (possibly partial).
-            Some(e) if e.raw_os_error() != Some(libc::ENOENT) => return Err(e),
-            _ => {}
-        }
+        // ENOENT: the last batch (possibly partial).
+        let last = match res {
+            Ok(()) => n == 0,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) => return Err(e),
+        };
         for (k, v) in keys[..n].iter().zip(&values[..n]) {
             if *k as usize != out.len() {
                 return Err(std::io::Error::other("array batch out of order"));
             }
             out.push(*v);
         }
-        if rc < 0 || n == 0 {
+        if last {
             break;
         }
     }
@@ -1309,18 +1302,28 @@ fn map_batch(
     };
     // SAFETY: `attr` points at `count` keys (and values) that outlive the call; the kernel reads
     // them and writes back only `attr.count`.
+    let res = unsafe { bpf_batch(cmd, &mut attr) };
+    ((attr.count as usize).min(count), res)
+}
+
+/// The `bpf(2)` batch command `cmd` on `attr`.
+///
+/// # Safety
+/// The buffers and cursors `attr` points at must be valid for the command and the map: as many
+/// keys and values as `attr.count`, of the map's key and value sizes.
+unsafe fn bpf_batch(cmd: libc::c_long, attr: &mut BatchAttr) -> std::io::Result<()> {
+    // SAFETY: the caller vouches for what `attr` points at; the kernel writes back into `attr`.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            &mut attr as *mut BatchAttr,
+            attr as *mut BatchAttr,
             std::mem::size_of::<BatchAttr>() as u32,
         )
     };
-    let res = if rc < 0 {
+    if rc < 0 {
         Err(std::io::Error::last_os_error())
     } else {
         Ok(())
-    };
-    ((attr.count as usize).min(count), res)
+    }
 }

@@ -354,28 +354,61 @@ pub fn quantile(samples: &[Duration], q: f64) -> Duration {
     s[i]
 }
 
+/// HPACK's static-table index of `:method: GET`.
+pub const H2_GET: u8 = 0x82;
+/// HPACK's static-table index of `:method: POST`.
+pub const H2_POST: u8 = 0x83;
+
+/// An HTTP/2 client's connection preface and an empty SETTINGS frame.
+pub fn h2_preface() -> Vec<u8> {
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    out
+}
+
+/// A HEADERS frame (END_HEADERS; END_STREAM when `end_stream`) on stream `id`: `method`,
+/// `:scheme https`, `:path /`, `:authority a.test` (HPACK, the authority literal).
+pub fn h2_request_headers(out: &mut Vec<u8>, id: u32, method: u8, end_stream: bool) {
+    let block: &[u8] = &[
+        method, 0x87, 0x84, 0x01, 6, b'a', b'.', b't', b'e', b's', b't',
+    ];
+    let len = (block.len() as u32).to_be_bytes();
+    let flags = 0x4 | if end_stream { 0x1 } else { 0 };
+    out.extend_from_slice(&[len[1], len[2], len[3], 0x1, flags]);
+    out.extend_from_slice(&id.to_be_bytes());
+    out.extend_from_slice(block);
+}
+
 /// The client preface, an empty SETTINGS frame, and `n` streams each opened with HEADERS
 /// (`GET /` for `a.test`) and cancelled at once with RST_STREAM: an HTTP/2 rapid-reset flood.
 pub fn h2_rapid_reset(n: u32) -> Vec<u8> {
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
-    // HPACK: :method GET, :scheme https, :path /, :authority a.test (literal).
-    let block: &[u8] = &[
-        0x82, 0x87, 0x84, 0x01, 6, b'a', b'.', b't', b'e', b's', b't',
-    ];
+    let mut out = h2_preface();
     for i in 0..n {
-        let id = (2 * i + 1).to_be_bytes();
-        let len = (block.len() as u32).to_be_bytes();
-        // HEADERS, END_STREAM | END_HEADERS.
-        out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x4 | 0x1]);
-        out.extend_from_slice(&id);
-        out.extend_from_slice(block);
+        let id = 2 * i + 1;
+        h2_request_headers(&mut out, id, H2_GET, true);
         // RST_STREAM CANCEL (8).
         out.extend_from_slice(&[0, 0, 4, 0x3, 0]);
-        out.extend_from_slice(&id);
+        out.extend_from_slice(&id.to_be_bytes());
         out.extend_from_slice(&8u32.to_be_bytes());
     }
     out
+}
+
+/// The streams the server reset with error `code`, in order, among its HTTP/2 frames in `raw`.
+pub fn rst_streams(raw: &[u8], code: u32) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let mut rest = raw;
+    while rest.len() >= 9 {
+        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+        let Some(payload) = rest.get(9..9 + len) else {
+            break;
+        };
+        if rest[3] == 0x3 && payload == code.to_be_bytes() {
+            ids.push(u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff);
+        }
+        rest = &rest[9 + len..];
+    }
+    ids
 }
 
 /// The error code of the first GOAWAY frame among the server's HTTP/2 frames in `raw`.

@@ -16,6 +16,7 @@ use std::{
 
 use integration_tests::{
     Instance,
+    abuse::{H2_POST, h2_preface, h2_rapid_reset, h2_request_headers, rst_streams},
     netns::{Netns, Topology, VethPair, tcp_connect_from, v4},
     proxy::{
         Certs, Proxy, Upstream, curl, curl_in, exchange, free_port, json_lines, peer_closed,
@@ -421,8 +422,7 @@ fn idle_connections_are_closed() {
     let mut t = tls_connect(shared_certs(), s.port, &[b"h2"]);
     let start = Instant::now();
     // An HTTP/2 connection that sends nothing after the preface.
-    t.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
-        .unwrap();
+    t.write_all(&h2_preface()).unwrap();
     t.flush().unwrap();
     let _ = read_for(&mut t, Duration::from_secs(5));
     let waited = start.elapsed();
@@ -458,24 +458,7 @@ fn h2_rapid_reset_flood_is_stopped() {
         "[proxy.limits]\nh2_max_pending_accept_reset_streams = 5\n",
     );
     let mut t = tls_connect(shared_certs(), s.port, &[b"h2"]);
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
-    // HPACK: :method GET, :scheme https, :path /, :authority a.test (literal).
-    let block: &[u8] = &[
-        0x82, 0x87, 0x84, 0x01, 6, b'a', b'.', b't', b'e', b's', b't',
-    ];
-    for i in 0..500u32 {
-        let id = (2 * i + 1).to_be_bytes();
-        let len = (block.len() as u32).to_be_bytes();
-        out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x4 | 0x1]);
-        out.extend_from_slice(&id);
-        out.extend_from_slice(block);
-        // RST_STREAM CANCEL.
-        out.extend_from_slice(&[0, 0, 4, 0x3, 0]);
-        out.extend_from_slice(&id);
-        out.extend_from_slice(&8u32.to_be_bytes());
-    }
-    let _ = t.write_all(&out);
+    let _ = t.write_all(&h2_rapid_reset(500));
     let _ = t.flush();
     let got = read_for(&mut t, Duration::from_secs(3));
     let _ = got;
@@ -496,18 +479,10 @@ fn h2_rapid_reset_flood_is_stopped() {
 fn h2_streams_past_the_concurrent_limit_are_refused_and_counted() {
     let s = setup("", "[proxy.limits]\nh2_max_concurrent_streams = 2\n");
     let mut t = tls_connect(shared_certs(), s.port, &[b"h2"]);
-    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    out.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0, 0]); // SETTINGS
-    // HPACK: :method POST, :scheme https, :path /, :authority a.test (literal).
-    let block: &[u8] = &[
-        0x83, 0x87, 0x84, 0x01, 6, b'a', b'.', b't', b'e', b's', b't',
-    ];
+    let mut out = h2_preface();
     // Ten requests whose bodies never come: each stream stays open.
     for i in 0..10u32 {
-        let len = (block.len() as u32).to_be_bytes();
-        out.extend_from_slice(&[len[1], len[2], len[3], 0x1, 0x4]); // HEADERS, END_HEADERS
-        out.extend_from_slice(&(2 * i + 1).to_be_bytes());
-        out.extend_from_slice(block);
+        h2_request_headers(&mut out, 2 * i + 1, H2_POST, false);
     }
     t.write_all(&out).expect("send");
     t.flush().expect("flush");
@@ -524,21 +499,9 @@ fn h2_streams_past_the_concurrent_limit_are_refused_and_counted() {
             Ok(n) => got.extend_from_slice(&buf[..n]),
         }
     }
-    let mut refused = Vec::new();
-    let mut rest = &got[..];
-    while rest.len() >= 9 {
-        let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
-        let Some(payload) = rest.get(9..9 + len) else {
-            break;
-        };
-        let id = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
-        if rest[3] == 0x3 && payload == 7u32.to_be_bytes() {
-            refused.push(id);
-        }
-        rest = &rest[9 + len..];
-    }
+    const REFUSED_STREAM: u32 = 0x7;
     assert_eq!(
-        refused,
+        rst_streams(&got, REFUSED_STREAM),
         vec![5, 7, 9, 11, 13, 15, 17, 19],
         "streams past the first two refused"
     );

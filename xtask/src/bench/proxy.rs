@@ -154,6 +154,11 @@ fn wrk(ns: &Netns, cpu: Option<&str>, url: &str, secs: u32) -> Result<Wrk> {
         &format!("x-api-key: {API_KEY}"),
         url,
     ]))?;
+    parse_wrk(&out)
+}
+
+/// What `wrk --latency` printed.
+fn parse_wrk(out: &str) -> Result<Wrk> {
     if out.contains("Non-2xx") {
         bail!("wrk saw error responses:\n{out}");
     }
@@ -711,6 +716,31 @@ fn ban_latency(ns: &Netns, att: &Netns, attackers: &[Ipv4Addr]) -> Result<Vec<f6
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let out = "Running 5s test @ https://127.0.0.1:9443/
+  1 threads and 50 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     1.08ms  412.11us  12.05ms   91.70%
+    Req/Sec    46.80k     1.91k   49.50k    78.00%
+  Latency Distribution
+     50%    1.02ms
+     75%    1.13ms
+     90%    1.29ms
+     99%    2.41ms
+  232919 requests in 5.00s, 95.29MB read
+Requests/sec:  46578.39
+Transfer/sec:     19.06MB
+";
+        let w = parse_wrk(out).unwrap();
+        assert_eq!(w.rps, 46578.39);
+        assert_eq!(w.p50, 1.02);
+        assert_eq!(w.p99, 2.41);
+        assert_eq!(w.requests, 232_919.0);
+        let failed = out.replace("Requests/sec", "Non-2xx or 3xx responses: 3\nRequests/sec");
+        assert!(parse_wrk(&failed).is_err());
+    }
 
     #[test]
     fn parses_wrk_times() {
