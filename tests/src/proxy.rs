@@ -161,11 +161,13 @@ pub fn free_port() -> u16 {
 }
 
 /// The upstream API: echoes the request as JSON (`method`, `path`, `query`, `version`,
-/// `headers`, `body_len`), answers `/status/NNN` with that status, sleeps on `/slow`, and sets
-/// `Server` and `X-Powered-By` so their removal can be seen.
+/// `headers`, `body_len`), answers `/status/NNN` with that status, sleeps on `/slow`, closes
+/// the connection after answering `/close`, and sets `Server` and `X-Powered-By` so their
+/// removal can be seen. It counts the connections it accepted.
 pub struct Upstream {
     /// Where it listens.
     pub addr: SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     stop: CancellationToken,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -178,6 +180,8 @@ impl Upstream {
         let addr = listener.local_addr().expect("addr");
         let stop = CancellationToken::new();
         let token = stop.clone();
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -190,6 +194,7 @@ impl Upstream {
                         a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
                         () = token.cancelled() => return,
                     };
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     tokio::spawn(async move {
                         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                             .serve_connection(TokioIo::new(tcp), service_fn(echo))
@@ -200,6 +205,7 @@ impl Upstream {
         });
         Self {
             addr,
+            accepted,
             stop,
             thread: Some(thread),
         }
@@ -208,6 +214,11 @@ impl Upstream {
     /// `http://ADDR`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -244,8 +255,14 @@ async fn echo(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, hyper::Er
         "method": method, "path": path, "query": query, "version": version,
         "headers": headers, "body_len": body.len(),
     });
+    let connection = if path == "/close" {
+        "close"
+    } else {
+        "keep-alive"
+    };
     Ok(Response::builder()
         .status(status)
+        .header("connection", connection)
         .header("server", "upstream/1.2.3")
         .header("x-powered-by", "php/5.0")
         .header("content-type", "application/json")

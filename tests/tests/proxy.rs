@@ -16,7 +16,7 @@ use std::{
 
 use integration_tests::{
     Instance,
-    abuse::{H2_POST, h2_preface, h2_rapid_reset, h2_request_headers, rst_streams},
+    abuse::{H2_POST, h2_preface, h2_rapid_reset, h2_request_headers, read_response, rst_streams},
     netns::{Netns, Topology, VethPair, tcp_connect_from, v4},
     proxy::{
         Certs, Proxy, Upstream, curl, curl_in, exchange, free_port, json_lines, peer_closed,
@@ -544,6 +544,53 @@ fn security_headers_added_and_server_stripped() {
     let r = s.get(&format!("/{}", "u".repeat(9000)), &[]);
     assert_eq!(r.status, 414);
     assert!(r.headers.contains_key("strict-transport-security"));
+}
+
+/// An HTTP/1.1 client connection keeps one upstream connection for all its requests, gets a
+/// new one when the upstream closes it, and hands it to a later client connection when it
+/// closes.
+#[test]
+fn http11_connections_keep_one_upstream_connection() {
+    let s = setup("", "");
+    let get = |t: &mut integration_tests::proxy::Tls, path: &str| -> u16 {
+        t.write_all(format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n\r\n").as_bytes())
+            .unwrap();
+        t.flush().unwrap();
+        read_response(t).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    };
+    let before = s.upstream.accepted();
+    let mut t = tls_connect(shared_certs(), s.port, &[b"http/1.1"]);
+    for _ in 0..10 {
+        assert_eq!(get(&mut t, "/a"), 200);
+    }
+    assert_eq!(
+        s.upstream.accepted() - before,
+        1,
+        "ten requests, one connection"
+    );
+    // The upstream closes its side after each `/close`: the request after it is served on a
+    // new connection (no 502 from sending on the closed one).
+    for _ in 0..3 {
+        assert_eq!(get(&mut t, "/close"), 200);
+        assert_eq!(get(&mut t, "/a"), 200);
+    }
+    assert_eq!(s.upstream.accepted() - before, 4);
+    drop(t);
+
+    // Client connections one after another: each worker's idle upstream connection goes to
+    // the next client connection it serves.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let start = s.upstream.accepted();
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut t = tls_connect(shared_certs(), s.port, &[b"http/1.1"]);
+        assert_eq!(get(&mut t, "/a"), 200);
+    }
+    let opened = s.upstream.accepted() - start;
+    assert!(
+        opened <= workers.min(6),
+        "{opened} upstream connections for 6 client connections on {workers} workers"
+    );
 }
 
 #[test]

@@ -75,7 +75,11 @@ pub mod fields;
 pub mod measure;
 pub mod rules;
 
-use std::cell::RefCell;
+use std::{
+    cell::RefCell,
+    hash::{BuildHasher as _, Hasher as _},
+    sync::atomic::{AtomicU64, Ordering},
+};
 
 use serde::Deserialize;
 
@@ -344,6 +348,56 @@ struct Buffers {
     tmp: Vec<u8>,
     json: Vec<u8>,
     rules: Scratch,
+    memo: Memo,
+}
+
+/// Fields up to this long are remembered with their hits.
+const MEMO_MAX_LEN: usize = 256;
+/// Fields remembered per thread (a power of two).
+const MEMO_SLOTS: usize = 1024;
+
+/// Recently inspected fields and what fired on them, per thread. API traffic repeats most of
+/// its field values (`Host`, `User-Agent`, `Accept`, keys, paths, common query values), and a
+/// field seen before replays its hits instead of being decoded and scanned again: a field's
+/// hits depend only on its bytes, how they are encoded and the detector. Direct-mapped: a
+/// lookup is one hash and one comparison, at most [`MEMO_SLOTS`] × [`MEMO_MAX_LEN`] bytes are
+/// held, and values that were never seen (an attacker's) simply miss and are scanned.
+struct Memo {
+    slots: Vec<Option<Remembered>>,
+    hasher: foldhash::fast::RandomState,
+}
+
+struct Remembered {
+    detector: u64,
+    wire: Wire,
+    value: Box<[u8]>,
+    hits: Box<[Hit]>,
+}
+
+impl Default for Memo {
+    fn default() -> Self {
+        Self {
+            slots: std::iter::repeat_with(|| None).take(MEMO_SLOTS).collect(),
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+}
+
+impl Memo {
+    fn slot(&self, detector: u64, wire: Wire, value: &[u8]) -> usize {
+        let mut h = self.hasher.build_hasher();
+        h.write_u64(detector);
+        h.write_u8(wire as u8);
+        h.write(value);
+        (h.finish() as usize) & (MEMO_SLOTS - 1)
+    }
+
+    fn get(&self, slot: usize, detector: u64, wire: Wire, value: &[u8]) -> Option<&[Hit]> {
+        self.slots[slot]
+            .as_ref()
+            .filter(|r| r.detector == detector && r.wire == wire && *r.value == *value)
+            .map(|r| &*r.hits)
+    }
 }
 
 thread_local! {
@@ -354,6 +408,8 @@ thread_local! {
 /// [`inspect`](Self::inspect) takes `&self`.
 #[derive(Debug)]
 pub struct Detector {
+    /// Tells this detector's remembered fields from another's (see [`Memo`]).
+    id: u64,
     rules: Rules,
     enabled: Enabled,
     inspect_path: bool,
@@ -364,7 +420,9 @@ pub struct Detector {
 impl Detector {
     /// Builds a detector. Call [`DetectConfig::validate`] first on user-supplied settings.
     pub fn new(cfg: &DetectConfig) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             rules: Rules::new(),
             enabled: Enabled {
                 sqli: cfg.sqli,
@@ -495,6 +553,32 @@ impl Detector {
         if raw.is_empty() {
             return;
         }
+        if raw.len() > MEMO_MAX_LEN {
+            self.scan_field(raw, wire, bufs, &mut |hit| verdict.add(hit, location));
+            return;
+        }
+        let slot = bufs.memo.slot(self.id, wire, raw);
+        if let Some(hits) = bufs.memo.get(slot, self.id, wire, raw) {
+            for &hit in hits {
+                verdict.add(hit, location);
+            }
+            return;
+        }
+        let mut hits = Vec::new();
+        self.scan_field(raw, wire, bufs, &mut |hit| hits.push(hit));
+        for &hit in &hits {
+            verdict.add(hit, location);
+        }
+        bufs.memo.slots[slot] = Some(Remembered {
+            detector: self.id,
+            wire,
+            value: raw.into(),
+            hits: hits.into(),
+        });
+    }
+
+    /// Decode one field and run the rules on each view of it.
+    fn scan_field(&self, raw: &[u8], wire: Wire, bufs: &mut Buffers, emit: &mut dyn FnMut(Hit)) {
         let Buffers {
             view,
             full,
@@ -502,7 +586,6 @@ impl Detector {
             rules,
             ..
         } = bufs;
-        let mut emit = |hit: Hit| verdict.add(hit, location);
         let view: &[u8] = match wire {
             Wire::Plain => raw,
             Wire::Form | Wire::Url if decode::needs_decoding(raw, wire == Wire::Form) => {
@@ -512,12 +595,12 @@ impl Detector {
             }
             Wire::Form | Wire::Url => raw,
         };
-        self.rules.scan(view, self.enabled, rules, &mut emit);
+        self.rules.scan(view, self.enabled, rules, emit);
         if decode::needs_decoding(view, false) {
             let mut work = decode::Work::default();
             decode::normalize(view, false, full, tmp, &mut work);
             if full[..] != *view {
-                self.rules.scan(full, self.enabled, rules, &mut emit);
+                self.rules.scan(full, self.enabled, rules, emit);
             }
         }
     }
@@ -670,6 +753,103 @@ mod tests {
             v.findings.iter().all(|f| f.category != Category::Xss),
             "{v:?}"
         );
+    }
+
+    #[test]
+    fn remembered_fields_replay_the_same_findings() {
+        let d = detector();
+        let attack = "%27%20OR%20%271%27%3D%271";
+        let path = "/static/%2e%2e/%2e%2e/etc/passwd";
+        type Case<'a> = (&'a str, Option<String>, Vec<(&'a str, &'a [u8])>);
+        let cases: [Case<'_>; 3] = [
+            // The same bytes as a query value (decoded: SQLi) and as a header (as is).
+            (
+                "/",
+                Some(format!("q={attack}")),
+                vec![("x-note", attack.as_bytes())],
+            ),
+            (
+                path,
+                None,
+                vec![
+                    ("user-agent", b"curl/8.5.0"),
+                    ("cookie", b"s=<script>alert(1)</script>"),
+                ],
+            ),
+            ("/api", Some("page=2".into()), vec![("accept", b"*/*")]),
+        ];
+        for (path, query, headers) in &cases {
+            let r = Request {
+                path,
+                query: query.as_deref(),
+                headers,
+                body: None,
+                content_type: None,
+            };
+            let mut fresh = Buffers::default();
+            let first = d.inspect_with(&r, &mut fresh);
+            // Every field is remembered now: the second pass replays them.
+            let replayed = d.inspect_with(&r, &mut fresh);
+            assert_eq!(first, replayed, "{path} {query:?}");
+            assert_eq!(first, d.inspect_with(&r, &mut Buffers::default()));
+        }
+        let mut bufs = Buffers::default();
+        let headers = [("x-note", attack.as_bytes())];
+        let header = d.inspect_with(&req(None, &headers, None), &mut bufs);
+        let q = format!("q={attack}");
+        let query = d.inspect_with(&req(Some(&q), &[], None), &mut bufs);
+        assert!(query.reaches(DEFAULT_THRESHOLD), "{query:?}");
+        assert!(query.findings.iter().all(|f| f.location == Location::Query));
+        assert!(
+            header
+                .findings
+                .iter()
+                .all(|f| f.location == Location::Header)
+        );
+    }
+
+    #[test]
+    fn remembered_fields_are_per_detector() {
+        // One thread, two detectors with different categories, the same field: each gets its
+        // own answer, in either order.
+        let all = detector();
+        let no_xss = Detector::new(&DetectConfig {
+            xss: false,
+            ..DetectConfig::default()
+        });
+        let r = req(Some("q=%3Cscript%3Ealert(1)%3C/script%3E"), &[], None);
+        for _ in 0..2 {
+            let with = all.inspect(&r);
+            let without = no_xss.inspect(&r);
+            assert!(
+                with.findings.iter().any(|f| f.category == Category::Xss),
+                "{with:?}"
+            );
+            assert!(
+                without.findings.iter().all(|f| f.category != Category::Xss),
+                "{without:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn long_fields_are_scanned_every_time() {
+        let d = detector();
+        let long = format!("{}' or 1=1--", "a".repeat(MEMO_MAX_LEN));
+        let mut bufs = Buffers::default();
+        let headers = [("x-note", long.as_bytes())];
+        let r = req(None, &headers, None);
+        let first = d.inspect_with(&r, &mut bufs);
+        assert!(!first.is_clean());
+        assert!(
+            bufs.memo
+                .slots
+                .iter()
+                .flatten()
+                .all(|r| r.value.len() <= MEMO_MAX_LEN),
+            "a long field was kept"
+        );
+        assert_eq!(first, d.inspect_with(&r, &mut bufs));
     }
 
     #[test]

@@ -1,14 +1,18 @@
-//! Forwarding: the pooled upstream client (HTTP/1.1 or h2c), the request headers added on the
+//! Forwarding: the upstream connections (HTTP/1.1 or h2c), the request headers added on the
 //! way (`X-Forwarded-For` honouring trusted proxies, `X-Forwarded-Proto`, `X-Request-Id`), the
 //! response headers added (security headers) and removed (`Server`, versions), and the CSRF guard.
 
 use std::{
+    collections::VecDeque,
     hash::{BuildHasher as _, Hasher as _},
     net::IpAddr,
     pin::Pin,
-    sync::atomic::{AtomicU64, Ordering},
+    sync::{
+        Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     task::{Context, Poll},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -16,12 +20,16 @@ use http::{
     HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version,
     header, uri::Authority,
 };
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::{
+    body::{Body, Frame, Incoming, SizeHint},
+    client::conn::http1,
+};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
 use serde::Deserialize;
+use tower_service::Service as _;
 
 use super::{ALWAYS_STRIPPED, DEFAULT_RESPONSE_HEADERS, Fault, ProxyConfig, limits};
 use crate::{cidr::Prefix, config::Invalid};
@@ -153,12 +161,48 @@ pub struct ForwardError {
     pub detail: String,
 }
 
-/// The pooled upstream client of one listener.
+/// The upstream connections of one listener on one worker.
+///
+/// An HTTP/1.1 client connection sends one request at a time, so it keeps one upstream
+/// HTTP/1.1 connection of its own between its requests ([`Held`]): taken from this worker's idle
+/// connections (or opened) at its first request, given back when it closes. Its requests then
+/// skip the pool. HTTP/2 client connections, which multiplex, and h2c upstreams use the pooled
+/// client.
 pub struct Upstream {
     client: Client<HttpConnector, ReqBody>,
+    connector: HttpConnector,
+    /// Idle upstream HTTP/1.1 connections, oldest first, with when each was given back.
+    idle: Mutex<VecDeque<(Instant, http1::SendRequest<ReqBody>)>>,
+    max_idle: usize,
     authority: Authority,
+    /// `http://AUTHORITY`, what the connector dials.
+    dial: Uri,
     h2c: bool,
     timeout: Duration,
+}
+
+/// How long an idle upstream connection is kept.
+const IDLE_UPSTREAM: Duration = Duration::from_secs(60);
+
+/// The upstream HTTP/1.1 connection an HTTP/1.1 client connection holds between its requests.
+#[derive(Default)]
+pub struct Held(Mutex<Option<http1::SendRequest<ReqBody>>>);
+
+impl Held {
+    fn take(&self) -> Option<http1::SendRequest<ReqBody>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+    fn put(&self, sender: http1::SendRequest<ReqBody>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
+    }
+}
+
+/// Why sending on an upstream connection failed.
+enum SendError {
+    /// No connection (or the pool's error), described.
+    Failed(String),
+    /// The exchange on a connection.
+    Http(hyper::Error),
 }
 
 impl Upstream {
@@ -172,35 +216,140 @@ impl Upstream {
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(IDLE_UPSTREAM)
             .pool_max_idle_per_host(cfg.upstream_pool_max_idle);
         if cfg.upstream_h2c {
             b.http2_only(true);
         }
+        let dial = Uri::builder()
+            .scheme(http::uri::Scheme::HTTP)
+            .authority(authority.clone())
+            .path_and_query("/")
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(Self {
-            client: b.build(conn),
+            client: b.build(conn.clone()),
+            connector: conn,
+            idle: Mutex::new(VecDeque::new()),
+            max_idle: cfg.upstream_pool_max_idle,
             authority,
+            dial,
             h2c: cfg.upstream_h2c,
             timeout: cfg.upstream_timeout,
         })
     }
 
-    /// Send `req` (already rewritten by [`prepare`]) and wait for the response head.
+    /// What an HTTP/1.1 client connection holds its upstream connection in; `None` when its
+    /// requests go through the pool (an h2c upstream).
+    pub fn held(&self) -> Option<Held> {
+        (!self.h2c).then(Held::default)
+    }
+
+    /// A client connection closed: keep the upstream connection it held for the next one, if
+    /// it is still open and there is room.
+    pub fn release(&self, held: &Held) {
+        let Some(sender) = held.take() else {
+            return;
+        };
+        if sender.is_closed() || self.max_idle == 0 {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        if idle.len() >= self.max_idle {
+            idle.pop_front();
+        }
+        idle.push_back((Instant::now(), sender));
+    }
+
+    /// The most recently given back idle connection that is still open, dropping expired ones.
+    fn checkout(&self) -> Option<http1::SendRequest<ReqBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        while idle
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= IDLE_UPSTREAM)
+        {
+            idle.pop_front();
+        }
+        while let Some((_, sender)) = idle.pop_back() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Open an upstream HTTP/1.1 connection; its connection task runs on this worker.
+    async fn connect(&self) -> Result<http1::SendRequest<ReqBody>, SendError> {
+        let io = self
+            .connector
+            .clone()
+            .call(self.dial.clone())
+            .await
+            .map_err(|e| SendError::Failed(error_chain(&e)))?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(SendError::Http)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(target: "apifilter::proxy", error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Send on the connection `held` (or a fresh one). A request the upstream connection closed
+    /// under before it was written (a keep-alive race) is sent again on another connection.
+    async fn send_held(
+        &self,
+        held: &Held,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<Incoming>, SendError> {
+        loop {
+            let (mut sender, fresh) = match held.take().or_else(|| self.checkout()) {
+                Some(s) => (s, false),
+                None => (self.connect().await?, true),
+            };
+            if let Err(e) = sender.ready().await {
+                if fresh {
+                    return Err(SendError::Http(e));
+                }
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    held.put(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(again) if !fresh => req = again,
+                    _ => return Err(SendError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Send `req` (already rewritten by [`prepare`]) and wait for the response head: on `held`
+    /// for an HTTP/1.1 client connection, else through the pool.
     pub async fn send(
         &self,
+        held: Option<&Held>,
         mut req: Request<ReqBody>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        // The client's path and query as they are (a shared handle, not a copy), on the
-        // upstream's scheme and authority.
+        // The client's path and query as they are (a shared handle, not a copy); the pool wants
+        // them on the upstream's scheme and authority.
+        let path_and_query = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(http::uri::Scheme::HTTP);
-        uri.authority = Some(self.authority.clone());
-        uri.path_and_query = Some(
-            req.uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-        );
+        if held.is_none() {
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(self.authority.clone());
+        }
+        uri.path_and_query = Some(path_and_query);
         *req.uri_mut() = Uri::from_parts(uri).map_err(|e| ForwardError {
             fault: Fault::Internal,
             status: StatusCode::BAD_GATEWAY,
@@ -214,12 +363,28 @@ impl Upstream {
         };
         if self.h2c {
             req.headers_mut().remove(header::HOST);
+        } else if !req.headers().contains_key(header::HOST)
+            && let Ok(host) = HeaderValue::from_str(self.authority.as_str())
+        {
+            req.headers_mut().insert(header::HOST, host);
         }
         let tripped = match req.body() {
             ReqBody::Stream(s) => Some(s.tripped.clone()),
             _ => None,
         };
-        match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+        let sent = match held {
+            Some(held) => tokio::time::timeout(self.timeout, self.send_held(held, req)).await,
+            None => {
+                tokio::time::timeout(self.timeout, async {
+                    self.client
+                        .request(req)
+                        .await
+                        .map_err(|e| SendError::Failed(error_chain(&e)))
+                })
+                .await
+            }
+        };
+        match sent {
             Err(_) => Err(ForwardError {
                 fault: Fault::Upstream,
                 status: StatusCode::GATEWAY_TIMEOUT,
@@ -236,7 +401,10 @@ impl Upstream {
                         detail: limit.as_str().to_owned(),
                     });
                 }
-                let detail = error_chain(&e);
+                let detail = match e {
+                    SendError::Failed(detail) => detail,
+                    SendError::Http(e) => error_chain(&e),
+                };
                 Err(ForwardError {
                     fault: Fault::Upstream,
                     status: StatusCode::BAD_GATEWAY,
@@ -271,18 +439,34 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none: one pass over the names is cheaper than a lookup per name.
-    if !h.keys().any(|n| HOP_BY_HOP.contains(n)) {
-        return;
+    remove_present(h, true, &[]);
+}
+
+/// Remove from `h` the hop-by-hop headers (when `hop`: those of [`HOP_BY_HOP`] and the ones
+/// `Connection` lists) and the names in `also`. One pass over the names finds which are there,
+/// and only those are looked up and removed: most messages carry two at most.
+fn remove_present(h: &mut HeaderMap, hop: bool, also: &[HeaderName]) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    let mut doom = |n: &HeaderName| {
+        if !doomed.contains(n) {
+            doomed.push(n.clone());
+        }
+    };
+    for (name, value) in h.iter() {
+        let hop_by_hop = hop && HOP_BY_HOP.contains(name);
+        if hop_by_hop && name == header::CONNECTION {
+            for token in value.to_str().unwrap_or_default().split(',') {
+                let token = token.trim();
+                if let Some(listed) = h.keys().find(|k| k.as_str().eq_ignore_ascii_case(token)) {
+                    doom(listed);
+                }
+            }
+        }
+        if hop_by_hop || also.contains(name) {
+            doom(name);
+        }
     }
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in HOP_BY_HOP.iter().chain(listed.iter()) {
+    for n in &doomed {
         h.remove(n);
     }
 }
@@ -321,15 +505,32 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 /// `X-Request-Id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Rewrite a client request for the upstream: hop-by-hop headers out, `Host` kept (from
-/// `:authority` for HTTP/2 clients), `X-Forwarded-For` (the incoming chain only from a trusted
-/// peer), `X-Forwarded-Proto: https`, `X-Request-Id`.
-pub fn prepare(
-    parts: &mut http::request::Parts,
-    peer: IpAddr,
-    peer_trusted: bool,
-    request_id: &RequestId,
-) {
+/// A connection's peer as the forwarding headers need it, worked out once per connection.
+pub struct Peer {
+    ip: IpAddr,
+    /// It is one of the trusted proxies: its `X-Forwarded-For` is kept.
+    trusted: bool,
+    /// Its address as a header value.
+    value: HeaderValue,
+}
+
+impl Peer {
+    /// `ip`, trusted when one of `trusted` holds it.
+    pub fn new(ip: IpAddr, trusted: &[Prefix]) -> Self {
+        let host = Prefix::host(ip);
+        Self {
+            ip,
+            trusted: trusted.iter().any(|p| p.contains(&host)),
+            value: HeaderValue::from_str(&ip.to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("-")),
+        }
+    }
+}
+
+/// Rewrite a request's headers for the upstream: hop-by-hop headers dropped, `Host` kept (or
+/// set from an absolute URI), `X-Forwarded-For` set to the peer (appended to the incoming
+/// chain when the peer is a trusted proxy), `X-Forwarded-Proto: https` and `X-Request-Id`.
+pub fn prepare(parts: &mut http::request::Parts, peer: &Peer, request_id: &RequestId) {
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
     if !h.contains_key(header::HOST)
@@ -338,7 +539,7 @@ pub fn prepare(
     {
         h.insert(header::HOST, v);
     }
-    let prior = if peer_trusted {
+    let prior = if peer.trusted {
         let chain: Vec<&str> = h
             .get_all(&X_FORWARDED_FOR)
             .iter()
@@ -349,10 +550,10 @@ pub fn prepare(
         None
     };
     let xff = match prior {
-        Some(p) => format!("{p}, {peer}"),
-        None => peer.to_string(),
+        Some(p) => HeaderValue::from_str(&format!("{p}, {}", peer.ip)).ok(),
+        None => Some(peer.value.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         h.insert(X_FORWARDED_FOR.clone(), v);
     }
     h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
@@ -404,12 +605,7 @@ impl ResponsePolicy {
 
     /// Apply to a response's headers (from the upstream or the proxy's own).
     pub fn apply(&self, h: &mut HeaderMap, from_upstream: bool) {
-        if from_upstream {
-            strip_hop_by_hop(h);
-        }
-        for n in &self.strip {
-            h.remove(n);
-        }
+        remove_present(h, from_upstream, &self.strip);
         for (n, v) in &self.add {
             if let http::header::Entry::Vacant(e) = h.entry(n) {
                 e.insert(v.clone());
@@ -611,7 +807,8 @@ mod tests {
             .into_parts();
         let mut untrusted = parts.clone();
         let id = RequestId::next();
-        prepare(&mut parts, "198.18.9.1".parse().unwrap(), true, &id);
+        let proxy: IpAddr = "198.18.9.1".parse().unwrap();
+        prepare(&mut parts, &Peer::new(proxy, &[Prefix::host(proxy)]), &id);
         assert_eq!(parts.headers["x-forwarded-for"], "1.2.3.4, 198.18.9.1");
         assert_eq!(parts.headers["x-forwarded-proto"], "https");
         assert_eq!(parts.headers["x-request-id"], id.as_str());
@@ -619,8 +816,42 @@ mod tests {
         assert!(
             !parts.headers.contains_key("x-secret") && !parts.headers.contains_key("connection")
         );
-        prepare(&mut untrusted, "198.18.1.1".parse().unwrap(), false, &id);
+        prepare(
+            &mut untrusted,
+            &Peer::new("198.18.1.1".parse().unwrap(), &[]),
+            &id,
+        );
         assert_eq!(untrusted.headers["x-forwarded-for"], "198.18.1.1");
+    }
+
+    #[test]
+    fn removes_hop_by_hop_listed_and_stripped_headers_only() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Internal"),
+            ("connection", "te"),
+            ("keep-alive", "timeout=5"),
+            ("x-internal", "1"),
+            ("te", "trailers"),
+            ("server", "nginx/1.22"),
+            ("x-powered-by", "php"),
+            ("content-type", "text/plain"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+        ]);
+        let strip = [header::SERVER, HeaderName::from_static("x-powered-by")];
+        let mut kept = h.clone();
+        remove_present(&mut kept, false, &strip);
+        assert!(!kept.contains_key("server") && !kept.contains_key("x-powered-by"));
+        assert_eq!(kept.get_all("connection").iter().count(), 2, "{kept:?}");
+        remove_present(&mut h, true, &strip);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["content-type", "set-cookie"], "{h:?}");
+        assert_eq!(h.get_all("set-cookie").iter().count(), 2);
+        // Nothing to remove: nothing changes.
+        let mut plain = headers(&[("host", "a"), ("accept", "*/*")]);
+        let before = plain.clone();
+        remove_present(&mut plain, true, &strip);
+        assert_eq!(plain, before);
     }
 
     #[test]

@@ -462,6 +462,10 @@ struct Conn {
     activity: Arc<Activity>,
     h1_requests: AtomicU64,
     series: SeriesCache,
+    /// An HTTP/1.1 connection's own upstream connection, between its requests.
+    held: Option<forward::Held>,
+    /// The peer, for `X-Forwarded-For`.
+    forward_peer: forward::Peer,
 }
 
 /// How many reads brought bytes (the idle watchdog compares it between ticks: no clock read per
@@ -629,6 +633,12 @@ async fn connection(
         activity: activity.clone(),
         h1_requests: AtomicU64::new(0),
         series: SeriesCache::default(),
+        held: if h2 {
+            None
+        } else {
+            site.upstream[worker].held()
+        },
+        forward_peer: forward::Peer::new(peer.ip(), &site.cfg.trusted_proxies),
     });
     let io = TokioIo::new(Watched {
         inner: tls,
@@ -700,6 +710,9 @@ async fn connection(
                 }
             }
         }
+    }
+    if let Some(held) = &watched.held {
+        site.upstream[worker].release(held);
     }
 }
 
@@ -988,16 +1001,10 @@ async fn pipeline_steps(
     };
 
     // Forward.
-    let peer_host = crate::cidr::Prefix::host(conn.peer.ip());
-    let peer_trusted = site
-        .cfg
-        .trusted_proxies
-        .iter()
-        .any(|p| p.contains(&peer_host));
-    forward::prepare(&mut parts, conn.peer.ip(), peer_trusted, rid);
+    forward::prepare(&mut parts, &conn.forward_peer, rid);
     let t = Instant::now();
     let sent = site.upstream[conn.worker]
-        .send(Request::from_parts(parts, body))
+        .send(conn.held.as_ref(), Request::from_parts(parts, body))
         .await;
     trace.upstream = t.elapsed();
     observe(m, Step::Upstream, t);
