@@ -51,7 +51,7 @@ pub struct ProxyConfig {
     /// The upstream's response headers must arrive within this (else 504).
     #[serde(default = "default_response_timeout", with = "duration")]
     pub upstream_timeout: Duration,
-    /// Idle pooled upstream connections kept per host.
+    /// Idle upstream connections kept per worker (and per host in the HTTP/2 pool).
     #[serde(default = "default_pool_idle")]
     pub upstream_pool_max_idle: usize,
     /// TLS settings.
