@@ -318,6 +318,52 @@ fn measure(ns: &Netns, plan: &Plan, port: u16, server: i32) -> Result<Figures> {
     })
 }
 
+/// The gap text of a handshake rate: whether the proxy's core was what bounded it, and if so
+/// what a handshake costs it (`saturated`).
+fn handshake_gap(busy: f64, nginx_busy: f64, saturated: &str) -> String {
+    if busy < 0.9 {
+        format!(
+            "the proxy is not what bounds this rate: its core was {:.0}% busy (nginx's {:.0}%), \
+             and CPU 0 (h2load's own handshakes and the upstream) was the bottleneck; the \
+             CPU-per-connection row below compares the proxies",
+            busy * 100.0,
+            nginx_busy * 100.0
+        )
+    } else {
+        format!(
+            "the proxy's core was {:.0}% busy: {saturated}",
+            busy * 100.0
+        )
+    }
+}
+
+/// The row of the proxies' CPU time per connection (µs) over a handshake run of `conns`
+/// connections, with how busy each one's core was: `(µs, busy)` for apifilter and nginx.
+fn cpu_per_connection(
+    kind: &str,
+    run: &str,
+    label: &str,
+    conns: u32,
+    (ours, busy): (f64, f64),
+    (peer, peer_busy): (f64, f64),
+) -> Row {
+    Row::new(
+        "proxy",
+        format!(
+            "proxy CPU per {kind} connection (handshake, one request, close), apifilter {label}"
+        ),
+        "µs",
+    )
+    .value(ours)
+    .peer("nginx", peer)
+    .note(format!(
+        "the proxy process's CPU time during the {run} over its {conns} connections; \
+         apifilter's core was {:.0}% busy, nginx's {:.0}%",
+        busy * 100.0,
+        peer_busy * 100.0
+    ))
+}
+
 /// Runs the section.
 pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
     let two_cpus = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
@@ -534,44 +580,23 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
                      request each; handshakes over the batches' summed run time",
                     plan.full_rounds
                 ))
-                .gap(if f.full_busy < 0.9 {
-                    format!(
-                        "the proxy is not what bounds this rate: its core was {:.0}% busy \
-                         (nginx's {:.0}%), and CPU 0 (h2load's own handshakes and the upstream) \
-                         was the bottleneck; the CPU-per-connection row below compares the \
-                         proxies",
-                        f.full_busy * 100.0,
-                        nginx.full_busy * 100.0
-                    )
-                } else {
-                    format!(
-                        "the proxy's core was {:.0}% busy: a full handshake is an ECDHE key \
-                         exchange and an ECDSA P-256 signature (ring's against OpenSSL 3.0's), \
-                         plus rustls' and tokio's per-connection setup",
-                        f.full_busy * 100.0
-                    )
-                });
+                .gap(handshake_gap(
+                    f.full_busy,
+                    nginx.full_busy,
+                    "a full handshake is an ECDHE key exchange and an ECDSA P-256 signature \
+                     (ring's against OpenSSL 3.0's), plus rustls' and tokio's per-connection \
+                     setup",
+                ));
         }
         rows.push(r);
-        rows.push(
-            Row::new(
-                "proxy",
-                format!(
-                    "proxy CPU per full-handshake connection (handshake, one request, close), \
-                     apifilter {label}"
-                ),
-                "µs",
-            )
-            .value(f.full_cpu_us)
-            .peer("nginx", nginx.full_cpu_us)
-            .note(format!(
-                "the proxy process's CPU time during the full-handshake batches over their {} \
-                 connections; apifilter's core was {:.0}% busy, nginx's {:.0}%",
-                plan.full_rounds * 50,
-                f.full_busy * 100.0,
-                nginx.full_busy * 100.0
-            )),
-        );
+        rows.push(cpu_per_connection(
+            "full-handshake",
+            "full-handshake batches",
+            label,
+            plan.full_rounds * 50,
+            (f.full_cpu_us, f.full_busy),
+            (nginx.full_cpu_us, nginx.full_busy),
+        ));
         let mut r = Row::new(
             "proxy",
             format!("TLS resumed handshakes/s, session tickets (h2load), apifilter {label}"),
@@ -588,44 +613,22 @@ pub fn run(ctx: &Ctx) -> Result<Vec<Row>> {
                      nginx with $ssl_session_reused)",
                     plan.resumed
                 ))
-                .gap(if f.resumed_busy < 0.9 {
-                    format!(
-                        "the proxy is not what bounds this rate: its core was {:.0}% busy \
-                         (nginx's {:.0}%), and CPU 0 (h2load's own handshakes and the upstream) \
-                         was the bottleneck; the CPU-per-connection row below compares the \
-                         proxies",
-                        f.resumed_busy * 100.0,
-                        nginx.resumed_busy * 100.0
-                    )
-                } else {
-                    format!(
-                        "the proxy's core was {:.0}% busy: a resumed TLS 1.3 handshake still \
-                         does an ECDHE exchange; the rest is per-connection setup in rustls, \
-                         hyper and tokio",
-                        f.resumed_busy * 100.0
-                    )
-                });
+                .gap(handshake_gap(
+                    f.resumed_busy,
+                    nginx.resumed_busy,
+                    "a resumed TLS 1.3 handshake still does an ECDHE exchange; the rest is \
+                     per-connection setup in rustls, hyper and tokio",
+                ));
         }
         rows.push(r);
-        rows.push(
-            Row::new(
-                "proxy",
-                format!(
-                    "proxy CPU per resumed connection (handshake, one request, close), apifilter \
-                     {label}"
-                ),
-                "µs",
-            )
-            .value(f.resumed_cpu_us)
-            .peer("nginx", nginx.resumed_cpu_us)
-            .note(format!(
-                "the proxy process's CPU time during the resumed-handshake run over its {} \
-                 connections; apifilter's core was {:.0}% busy, nginx's {:.0}%",
-                plan.resumed,
-                f.resumed_busy * 100.0,
-                nginx.resumed_busy * 100.0
-            )),
-        );
+        rows.push(cpu_per_connection(
+            "resumed",
+            "resumed-handshake run",
+            label,
+            plan.resumed,
+            (f.resumed_cpu_us, f.resumed_busy),
+            (nginx.resumed_cpu_us, nginx.resumed_busy),
+        ));
     }
     match bans {
         Ok(mut v) => {
